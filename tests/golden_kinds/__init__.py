@@ -1,0 +1,86 @@
+"""Golden reference cases: loading, discovery, and the registry of runners per `kind`.
+
+Each module of this package adds runners to `RUNNERS` with the `runner(kind)` decorator. A runner
+takes a `Case` and asserts that our implementation reproduces the reference outputs.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REFERENCE_DIR = Path(os.environ.get("WAN_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+# Folders of the core cases; the extension folders join as their runners land.
+GOLDEN_DIRS = [REFERENCE_DIR / "golden"]
+
+RUNNERS = {}
+
+
+@dataclass
+class Case:
+    path: Path
+    meta: dict
+    params: dict = field(default_factory=dict)   # official key -> tensor ("param." stripped)
+    inputs: dict = field(default_factory=dict)   # name -> tensor ("in." stripped)
+    outputs: dict = field(default_factory=dict)  # name -> tensor ("out." stripped)
+
+    @property
+    def kind(self):
+        return self.meta["kind"]
+
+    @property
+    def config(self):
+        return self.meta.get("config", {})
+
+
+def load_case(path):
+    path = Path(path)
+    case = None
+    with safe_open(str(path), "pt") as f:
+        case = Case(path, json.loads(f.metadata()["meta"]))
+        for key in f.keys():
+            group, name = key.split(".", 1)
+            {"param": case.params, "in": case.inputs, "out": case.outputs}[group][name] = f.get_tensor(key)
+    return case
+
+
+def env_dirs(variable):
+    return [Path(p) for p in os.environ.get(variable, "").split(":") if p]
+
+
+def case_files(default_dirs, env_variable):
+    files = []
+    for folder in list(default_dirs) + env_dirs(env_variable):
+        files.extend(sorted(Path(folder).glob("*.safetensors")))
+    return files
+
+
+def runner(*kinds):
+    def register(fn):
+        for kind in kinds:
+            RUNNERS[kind] = fn
+        return fn
+    return register
+
+
+def assert_close(actual, expected, atol=1e-4, rtol=0.0, name="output"):
+    actual = actual.detach().float().cpu()
+    expected = expected.float()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    bound = atol + rtol * expected.abs().max().item()
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def load_runners():
+    """Imports every runner module of this package so that all kinds are registered."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return RUNNERS
