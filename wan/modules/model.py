@@ -1,0 +1,338 @@
+"""The Wan diffusion transformer (DiT), one class for every Wan release.
+
+t2v: text cross-attention only. i2v / flf2v (Wan2.1): condition channels `y` concatenated to the
+latent and 257 (flf2v: 2 x 257) CLIP image tokens through `img_emb`, attended separately in
+cross-attention. Wan2.2 A14B i2v: condition channels, no CLIP branch. ti2v (Wan2.2 5B): per-token
+timesteps `t` [B, L]. Module and parameter names follow the official checkpoints.
+
+Extension points (used by the variant models): `add_condition` tokens added after patch
+embedding, and the separable stages `embed_tokens`, `embed_time`, `embed_context`, `run_blocks`,
+`project_out` that a variant model composes instead of forking this file.
+"""
+
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+from .norms import LayerNorm, RMSNorm
+from .rope import apply_rope, grid_positions, rope_cos_sin
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
+CLIP_TOKENS = 257
+CLIP_DIM = 1280
+
+
+def sinusoidal_embedding(dim, position):
+    """[N] positions -> [N, dim] (cos, sin) embedding, computed in float64 as the official model."""
+    half = dim // 2
+    position = position.double()
+    angles = torch.outer(position, torch.pow(10000.0, -torch.arange(half, device=position.device).double() / half))
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def fp32_linear(layer, x):
+    """Runs an nn.Linear in fp32 whatever its parameter dtype (time embedding, modulation, head)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [B, L, C] fp32, shift/scale [B, L or 1, C] fp32."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def local_window_mask(length, window_size, device):
+    """[L, L] bool mask of a token-local window (left, right); -1 means unbounded on that side."""
+    left, right = window_size
+    offset = torch.arange(length, device=device)[None, :] - torch.arange(length, device=device)[:, None]
+    mask = torch.ones(length, length, dtype=torch.bool, device=device)
+    if left >= 0:
+        mask &= offset >= -left
+    if right >= 0:
+        mask &= offset <= right
+    return mask
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads, window_size=(-1, -1), qk_norm=True, eps=1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = tuple(window_size)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def qkv(self, x, rope):
+        """x [B, L, C] -> rotated q, k and v, each [B, L, H, D]."""
+        heads = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def forward(self, x, rope, attn_mask=None):
+        """x [B, L, C], rope (cos, sin) [L, 1, D/2], attn_mask broadcastable to [B, H, L, L]."""
+        q, k, v = self.qkv(x, rope)
+        if self.window_size != (-1, -1):
+            window = local_window_mask(x.shape[1], self.window_size, x.device)
+            attn_mask = window if attn_mask is None else attn_mask & window
+        return self.o(attention(q, k, v, attn_mask=attn_mask).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text context, plus (Wan2.1 i2v/flf2v) a separate
+    attention to the CLIP image tokens whose result is added before the output projection."""
+
+    def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6, image_branch=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        if image_branch:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    @property
+    def image_branch(self):
+        return hasattr(self, "k_img")
+
+    def context_kv(self, context, context_img=None):
+        """Keys and values of the context, [B, Lc, H, D] each; cacheable across denoising steps."""
+        heads = (self.num_heads, self.head_dim)
+        kv = [self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)]
+        if self.image_branch:
+            kv += [self.norm_k_img(self.k_img(context_img)).unflatten(-1, heads),
+                   self.v_img(context_img).unflatten(-1, heads)]
+        return tuple(kv)
+
+    def attend(self, x, kv):
+        """x [B, L, C] attends to precomputed `context_kv` -> [B, L, C]."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        out = attention(q, kv[0], kv[1])
+        if self.image_branch:
+            out = out + attention(q, kv[2], kv[3])
+        return self.o(out.flatten(2))
+
+    def forward(self, x, context, context_img=None):
+        return self.attend(x, self.context_kv(context, context_img))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, dim, ffn_dim, num_heads, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True,
+                 eps=1e-6, image_branch=False):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps)
+        self.self_attn = SelfAttention(dim, num_heads, window_size, qk_norm, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps, image_branch)
+        self.norm2 = LayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e, rope, context, context_img=None, attn_mask=None):
+        """
+        x: [B, L, C] fp32 residual stream.  e: [B, L or 1, 6, C] fp32 time modulation.
+        rope: (cos, sin) [L, 1, D/2].  context: [B, Lt, C].  context_img: [B, Li, C] or None.
+        """
+        dtype = self.self_attn.q.weight.dtype
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
+        h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope, attn_mask).float(), gate_sa)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
+        h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
+        return torch.addcmul(x, self.ffn(h).float(), gate_ff)
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_dim, patch_size, eps=1e-6):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x, e):
+        """x [B, L, C] fp32, e [B, L or 1, C] fp32 -> [B, L, prod(patch) * out_dim] fp32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
+        return fp32_linear(self.head, modulate(self.norm(x), shift, scale))
+
+
+class MLPProj(nn.Module):
+    """Projects CLIP image tokens [B, 257 (x2 for flf2v), 1280] to the model width."""
+
+    def __init__(self, in_dim, out_dim, flf_pos_emb=False):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+        if flf_pos_emb:  # first and last frame tokens get a learned position each
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, in_dim))
+
+    def forward(self, image_embeds):
+        if hasattr(self, "emb_pos"):
+            image_embeds = image_embeds.reshape(-1, self.emb_pos.shape[1], image_embeds.shape[-1]) + self.emb_pos
+        return self.proj(image_embeds)
+
+
+class WanModel(nn.Module):
+    def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048,
+                 ffn_dim=8192, freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32,
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, image_branch=None):
+        """Constructor arguments are the official ones. `image_branch` (CLIP tokens through
+        `img_emb` and `k_img`/`v_img`) defaults to on for Wan2.1 i2v/flf2v; Wan2.2 A14B i2v sets it off."""
+        super().__init__()
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type '{model_type}'; expected one of {MODEL_TYPES}")
+        if image_branch is None:
+            image_branch = model_type in ("i2v", "flf2v")
+        self.model_type = model_type
+        self.patch_size = tuple(patch_size)
+        self.text_len = text_len
+        self.in_dim = in_dim
+        self.dim = dim
+        self.freq_dim = freq_dim
+        self.out_dim = out_dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm, eps, image_branch)
+            for _ in range(num_layers)])
+        self.head = Head(dim, out_dim, self.patch_size, eps)
+        if image_branch:
+            self.img_emb = MLPProj(CLIP_DIM, dim, flf_pos_emb=model_type == "flf2v")
+        self.gradient_checkpointing = [False] * num_layers
+        self._rope_cache = {}
+
+    @classmethod
+    def from_config(cls, config):
+        """Builds from a config dict (e.g. an official `config.json`), ignoring foreign keys."""
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in accepted}
+        return cls(**kwargs)
+
+    @property
+    def image_branch(self):
+        return hasattr(self, "img_emb")
+
+    @property
+    def dtype(self):
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self):
+        return self.patch_embedding.weight.device
+
+    def set_gradient_checkpointing(self, enabled=True, every=1):
+        """Recompute the activations of every `every`-th block in backward."""
+        self.gradient_checkpointing = [enabled and i % every == 0 for i in range(len(self.blocks))]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def embed_tokens(self, x):
+        """x [B, in_dim, F, H, W] -> tokens [B, L, C] fp32 and the token grid (f, h, w)."""
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_dim:
+            raise ValueError(f"model expects {self.in_dim} input channels (latent + y), got {x.shape[1]}; "
+                             f"i2v/flf2v/ti2v-style models need the condition `y`")
+        bad = [s for s, p in zip(x.shape[2:], self.patch_size) if s % p]
+        if bad:
+            raise ValueError(f"latent grid {tuple(x.shape[2:])} is not divisible by patch size {self.patch_size}")
+        tokens = self.patch_embedding(x.to(self.dtype))
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).float(), grid
+
+    def rope(self, grid, device, frame_offset=0):
+        """Cached (cos, sin) for a token grid, [L, 1, D/2] each."""
+        key = (grid, frame_offset, str(device))
+        if key not in self._rope_cache:
+            positions = grid_positions(*grid, frame_offset=frame_offset, device=device)
+            self._rope_cache[key] = rope_cos_sin(positions, self.head_dim)
+        return self._rope_cache[key]
+
+    def embed_time(self, t, num_tokens):
+        """t [B] or [B, L] -> (e [B, L or 1, C], e0 [B, L or 1, 6, C]), both fp32."""
+        if t.ndim == 1:
+            t = t[:, None]
+        elif t.ndim != 2 or t.shape[1] != num_tokens:
+            raise ValueError(f"t must be [B] or [B, {num_tokens}] (one per token), got {tuple(t.shape)}")
+        freqs = sinusoidal_embedding(self.freq_dim, t.flatten()).unflatten(0, t.shape)
+        e = fp32_linear(self.time_embedding[2], F.silu(fp32_linear(self.time_embedding[0], freqs)))
+        e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.dim))
+        return e, e0
+
+    def embed_context(self, context, clip_fea=None):
+        """Text context [B, Lt <= text_len, text_dim] (or a list of [Lt_i, text_dim]), zero-padded
+        to `text_len` before the embedding as the official model does -> ([B, text_len, C], image
+        tokens [B, 257 or 514, C] or None)."""
+        if isinstance(context, (list, tuple)):
+            context = torch.stack([F.pad(c, (0, 0, 0, self.text_len - c.shape[0])) for c in context])
+        if context.shape[1] > self.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, more than text_len {self.text_len}")
+        context = F.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
+        context = self.text_embedding(context.to(self.dtype))
+        if not self.image_branch:
+            if clip_fea is not None:
+                raise ValueError(f"clip_fea given, but this {self.model_type} model has no CLIP image branch")
+            return context, None
+        if clip_fea is None:
+            raise ValueError(f"{self.model_type} model needs CLIP image features `clip_fea` [B, 257, 1280]")
+        return context, self.img_emb(clip_fea.to(self.dtype))
+
+    def run_blocks(self, x, e0, rope, context, context_img=None, attn_mask=None):
+        for block, ckpt in zip(self.blocks, self.gradient_checkpointing):
+            if ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, rope, context, context_img, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, e0, rope, context, context_img, attn_mask)
+        return x
+
+    def project_out(self, x, e, grid):
+        """Tokens [B, L, C] -> [B, out_dim, F, H, W] fp32."""
+        return self.unpatchify(self.head(x, e), grid)
+
+    def unpatchify(self, x, grid):
+        """x [B, L, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw]."""
+        f, h, w = grid
+        pt, ph, pw = self.patch_size
+        x = x[:, :f * h * w].reshape(x.shape[0], f, h, w, pt, ph, pw, self.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, f * pt, h * ph, w * pw)
+
+    def forward(self, x, t, context, *, y=None, clip_fea=None, add_condition=None):
+        """
+        x: [B, C, F, H, W] noisy latents.  t: [B] or [B, L] (per-token, Wan2.2 TI2V) timesteps.
+        context: [B, Lt, text_dim] text embeddings (or a list of [Lt_i, text_dim]).
+        y: [B, Cy, F, H, W] condition channels concatenated to x (i2v / flf2v / A14B i2v).
+        clip_fea: [B, 257, 1280] CLIP tokens ([2B, 257, 1280] first/last frame for flf2v).
+        add_condition: [B, L, dim] tokens added after patch embedding (pose and other controls).
+        Returns [B, out_dim, F, H, W] fp32.
+        """
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        tokens, grid = self.embed_tokens(x)
+        if add_condition is not None:
+            tokens = tokens + add_condition.float()
+        e, e0 = self.embed_time(t, tokens.shape[1])
+        context, context_img = self.embed_context(context, clip_fea)
+        tokens = self.run_blocks(tokens, e0, self.rope(grid, tokens.device), context, context_img)
+        return self.project_out(tokens, e, grid)
