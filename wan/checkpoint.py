@@ -171,3 +171,27 @@ def save_state_dict(state_dict, path, metadata=None):
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def save_sharded(state_dict, folder, prefix="diffusion_pytorch_model", max_shard_bytes=5 * 2**30):
+    """Writes safetensors shards plus `<prefix>.safetensors.index.json`, as the official 14B releases."""
+    folder = Path(folder)
+    shards, current, size = [], {}, 0
+    for key, value in state_dict.items():
+        nbytes = value.numel() * value.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = value
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_state_dict(shard, folder / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state_dict.values())
+    index = folder / f"{prefix}.safetensors.index.json"
+    with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return index
