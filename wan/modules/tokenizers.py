@@ -46,10 +46,6 @@ class HuggingfaceTokenizer:
         self.text_len = text_len
         self.clean = clean
 
-    @property
-    def vocab_size(self):
-        return len(self.tokenizer)
-
     def __call__(self, texts):
         """texts: a prompt or a list of B prompts -> (ids [B, text_len] int64, mask [B, text_len] int64).
 
