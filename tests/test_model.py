@@ -114,14 +114,19 @@ def test_diffusers_layout_loads_into_the_same_model(tmp_path):
     assert (reference - ours).abs().max() < 1e-5
 
 
-def test_padded_context_equals_unpadded_and_list_form():
-    model = _tiny_model()
-    x, t, context, _ = _inputs(tiny_dit_config())
+def test_folded_padding_equals_explicit_padding_and_list_form():
+    """A short prompt (padding folded into one weighted key) gives what the fully padded prompt gives."""
+    model = _tiny_model("i2v")
+    x, t, context, kwargs = _inputs(tiny_dit_config("i2v"), batch=2)
     padded = torch.nn.functional.pad(context, (0, 0, 0, 16 - context.shape[1]))
+    prompts = [context[0, :3], context[1]]  # different lengths in one batch
     with torch.no_grad():
-        out = model(x, t, context)
-        assert torch.equal(model(x, t, padded), out)
-        assert torch.equal(model(x, t, [context[0]]), out)
+        out = model(x, t, context, **kwargs)
+        torch.testing.assert_close(model(x, t, padded, **kwargs), out, atol=1e-5, rtol=1e-5)
+        mixed = model(x, t, prompts, **kwargs)
+        first = model(x[:1], t[:1], padded[:1, :3], y=kwargs["y"][:1], clip_fea=kwargs["clip_fea"][:1])
+        torch.testing.assert_close(mixed[:1], first, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[1:], out[1:], atol=1e-5, rtol=1e-5)
 
 
 def test_batch_equals_samples_run_alone():

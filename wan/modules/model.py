@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import attention
 from .norms import LayerNorm, RMSNorm
 from .rope import apply_rope, grid_positions, rope_cos_sin
+from .text_context import CrossContext, fold_padding
 
 MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
 CLIP_TOKENS = 257
@@ -113,25 +114,29 @@ class CrossAttention(nn.Module):
     def image_branch(self):
         return hasattr(self, "k_img")
 
-    def context_kv(self, context, context_img=None):
-        """Keys and values of the context, [B, Lc, H, D] each; cacheable across denoising steps."""
+    def context_kv(self, context):
+        """Keys, values and logit bias of a `CrossContext`; cacheable across denoising steps.
+        Returns (k, v, bias[, k_img, v_img]) with k, v [B, Lc, H, D]."""
         heads = (self.num_heads, self.head_dim)
-        kv = [self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)]
+        bias = None if context.text_bias is None else context.text_bias[:, None, None, :]
+        kv = [self.norm_k(self.k(context.text)).unflatten(-1, heads), self.v(context.text).unflatten(-1, heads), bias]
         if self.image_branch:
-            kv += [self.norm_k_img(self.k_img(context_img)).unflatten(-1, heads),
-                   self.v_img(context_img).unflatten(-1, heads)]
+            kv += [self.norm_k_img(self.k_img(context.image)).unflatten(-1, heads),
+                   self.v_img(context.image).unflatten(-1, heads)]
         return tuple(kv)
 
     def attend(self, x, kv):
         """x [B, L, C] attends to precomputed `context_kv` -> [B, L, C]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        out = attention(q, kv[0], kv[1])
+        bias = None if kv[2] is None else kv[2].to(q.dtype)
+        out = attention(q, kv[0], kv[1], attn_mask=bias)
         if self.image_branch:
-            out = out + attention(q, kv[2], kv[3])
+            out = out + attention(q, kv[3], kv[4])
         return self.o(out.flatten(2))
 
-    def forward(self, x, context, context_img=None):
-        return self.attend(x, self.context_kv(context, context_img))
+    def forward(self, x, context):
+        """x [B, L, C], context a `CrossContext` -> [B, L, C]."""
+        return self.attend(x, self.context_kv(context))
 
 
 class WanAttentionBlock(nn.Module):
@@ -146,16 +151,16 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e, rope, context, context_img=None, attn_mask=None):
+    def forward(self, x, e, rope, context, attn_mask=None):
         """
         x: [B, L, C] fp32 residual stream.  e: [B, L or 1, 6, C] fp32 time modulation.
-        rope: (cos, sin) [L, 1, D/2].  context: [B, Lt, C].  context_img: [B, Li, C] or None.
+        rope: (cos, sin) [L, 1, D/2].  context: `CrossContext` of embedded text (and image) tokens.
         """
         dtype = self.self_attn.q.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
         h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
         x = torch.addcmul(x, self.self_attn(h, rope, attn_mask).float(), gate_sa)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
         h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
         return torch.addcmul(x, self.ffn(h).float(), gate_ff)
 
@@ -282,29 +287,26 @@ class WanModel(nn.Module):
         return e, e0
 
     def embed_context(self, context, clip_fea=None):
-        """Text context [B, Lt <= text_len, text_dim] (or a list of [Lt_i, text_dim]), zero-padded
-        to `text_len` before the embedding as the official model does -> ([B, text_len, C], image
-        tokens [B, 257 or 514, C] or None)."""
-        if isinstance(context, (list, tuple)):
-            context = torch.stack([F.pad(c, (0, 0, 0, self.text_len - c.shape[0])) for c in context])
-        if context.shape[1] > self.text_len:
-            raise ValueError(f"text context has {context.shape[1]} tokens, more than text_len {self.text_len}")
-        context = F.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
-        context = self.text_embedding(context.to(self.dtype))
+        """Text context [B, Lt <= text_len, text_dim] (or a list of [Lt_i, text_dim]) with the
+        official zero padding to `text_len` (folded, see `text_context`), and CLIP image features
+        [B, 257 (x2 for flf2v), 1280] -> `CrossContext`."""
+        tokens, bias = fold_padding(context, self.text_len)
+        context = CrossContext(self.text_embedding(tokens.to(self.dtype)), bias)
         if not self.image_branch:
             if clip_fea is not None:
                 raise ValueError(f"clip_fea given, but this {self.model_type} model has no CLIP image branch")
-            return context, None
+            return context
         if clip_fea is None:
             raise ValueError(f"{self.model_type} model needs CLIP image features `clip_fea` [B, 257, 1280]")
-        return context, self.img_emb(clip_fea.to(self.dtype))
+        context.image = self.img_emb(clip_fea.to(self.dtype))
+        return context
 
-    def run_blocks(self, x, e0, rope, context, context_img=None, attn_mask=None):
+    def run_blocks(self, x, e0, rope, context, attn_mask=None):
         for block, ckpt in zip(self.blocks, self.gradient_checkpointing):
             if ckpt and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, rope, context, context_img, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, e0, rope, context, attn_mask, use_reentrant=False)
             else:
-                x = block(x, e0, rope, context, context_img, attn_mask)
+                x = block(x, e0, rope, context, attn_mask)
         return x
 
     def project_out(self, x, e, grid):
@@ -333,6 +335,6 @@ class WanModel(nn.Module):
         if add_condition is not None:
             tokens = tokens + add_condition.float()
         e, e0 = self.embed_time(t, tokens.shape[1])
-        context, context_img = self.embed_context(context, clip_fea)
-        tokens = self.run_blocks(tokens, e0, self.rope(grid, tokens.device), context, context_img)
+        context = self.embed_context(context, clip_fea)
+        tokens = self.run_blocks(tokens, e0, self.rope(grid, tokens.device), context)
         return self.project_out(tokens, e, grid)
