@@ -8,7 +8,7 @@ import torch
 
 from conftest import randomize
 from golden_kinds import REFERENCE_DIR
-from tiny_tokenizer import make_tiny_tokenizer
+from wan.utils.tiny_tokenizer import make_tiny_tokenizer
 from wan.checkpoint import CheckpointError
 from wan.modules.clip import CLIPImageEncoder, VisionTransformer, interpolate_pos_embedding
 from wan.modules.t5 import T5Encoder, T5RelativeEmbedding, clamp_fp16

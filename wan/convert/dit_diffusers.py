@@ -62,9 +62,9 @@ def config_to_diffusers(config):
         cross_attn_norm=config.get("cross_attn_norm", True),
         qk_norm="rms_norm_across_heads" if config.get("qk_norm", True) else None,
         eps=config.get("eps", 1e-6),
-        image_dim=1280 if image_branch else None,
+        image_dim=config.get("clip_dim", 1280) if image_branch else None,
         added_kv_proj_dim=dim if image_branch else None,
-        pos_embed_seq_len=514 if config.get("model_type") == "flf2v" else None,
+        pos_embed_seq_len=2 * config.get("clip_tokens", 257) if config.get("model_type") == "flf2v" else None,
     )
 
 
@@ -97,4 +97,6 @@ def config_from_diffusers(config):
         cross_attn_norm=config.get("cross_attn_norm", True),
         eps=config.get("eps", 1e-6),
         image_branch=image_branch,
+        clip_dim=config.get("image_dim") or 1280,
+        clip_tokens=(config.get("pos_embed_seq_len") or 514) // 2,
     )

@@ -181,12 +181,12 @@ class Head(nn.Module):
 class MLPProj(nn.Module):
     """Projects CLIP image tokens [B, 257 (x2 for flf2v), 1280] to the model width."""
 
-    def __init__(self, in_dim, out_dim, flf_pos_emb=False):
+    def __init__(self, in_dim, out_dim, flf_tokens=None):
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
                                   nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
-        if flf_pos_emb:  # first and last frame tokens get a learned position each
-            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, in_dim))
+        if flf_tokens:  # first and last frame tokens get a learned position each
+            self.emb_pos = nn.Parameter(torch.zeros(1, flf_tokens, in_dim))
 
     def forward(self, image_embeds):
         if hasattr(self, "emb_pos"):
@@ -197,9 +197,12 @@ class MLPProj(nn.Module):
 class WanModel(nn.Module):
     def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048,
                  ffn_dim=8192, freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32,
-                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, image_branch=None):
-        """Constructor arguments are the official ones. `image_branch` (CLIP tokens through
-        `img_emb` and `k_img`/`v_img`) defaults to on for Wan2.1 i2v/flf2v; Wan2.2 A14B i2v sets it off."""
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, image_branch=None,
+                 clip_dim=CLIP_DIM, clip_tokens=CLIP_TOKENS):
+        """Constructor arguments are the official ones, plus: `image_branch` (CLIP tokens through
+        `img_emb` and `k_img`/`v_img`), on by default for Wan2.1 i2v/flf2v and off for Wan2.2 A14B
+        i2v; `clip_dim`/`clip_tokens`, the image encoder's width and tokens per image (ViT-H/14:
+        1280 and 257; tiny test checkpoints use smaller encoders)."""
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type '{model_type}'; expected one of {MODEL_TYPES}")
@@ -224,7 +227,7 @@ class WanModel(nn.Module):
             for _ in range(num_layers)])
         self.head = Head(dim, out_dim, self.patch_size, eps)
         if image_branch:
-            self.img_emb = MLPProj(CLIP_DIM, dim, flf_pos_emb=model_type == "flf2v")
+            self.img_emb = MLPProj(clip_dim, dim, flf_tokens=2 * clip_tokens if model_type == "flf2v" else None)
         self.gradient_checkpointing = [False] * num_layers
         self._rope_cache = {}
 

@@ -1,4 +1,4 @@
-"""A tiny T5-style tokenizer in Hugging Face folder layout, built offline for tests.
+"""A tiny T5-style tokenizer in Hugging Face folder layout, built offline (tests, tiny checkpoints).
 
 Like umT5's tokenizer it uses pad id 0, appends the end-of-sequence token `</s>` (id 1) to every
 text and maps unknown words to `<unk>` (id 2). Words split on whitespace and punctuation.

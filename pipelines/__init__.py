@@ -1,0 +1,1 @@
+"""Pipelines that compose the `wan` modules into text/image-to-video generation."""
