@@ -19,6 +19,7 @@ def _compile(pattern):
 
 class KeyTable:
     def __init__(self, pairs, name="key table"):
+        """pairs: (official pattern, target pattern); the first row that matches a key wins."""
         self.name = name
         self.pairs = list(pairs)
         self._forward = [(_compile(src), dst) for src, dst in self.pairs]

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_model
+from ..convert.encoders_hf import clip_from_hf, is_hf_clip
 from .attention import attention
 from .norms import LayerNorm
 
@@ -103,9 +104,11 @@ class VisionTransformer(nn.Module):
         self.pre_norm = LayerNorm(dim, eps=norm_eps, elementwise_affine=True) if pre_norm else None
         self.transformer = nn.Sequential(*(
             AttentionBlock(dim, mlp_ratio, num_heads, post_norm, activation, norm_eps) for _ in range(num_layers)))
-        # The pooled-embedding head: unused for Wan's hidden states, kept so checkpoints load strictly.
+        # The pooled-embedding head: unused for Wan's hidden states, kept so checkpoints load strictly
+        # (out_dim=None for transformers CLIPVisionModel weights, which have no projection).
         self.post_norm = LayerNorm(dim, eps=norm_eps, elementwise_affine=True)
-        self.head = nn.Parameter(scale * torch.randn(dim, out_dim))
+        if out_dim is not None:
+            self.head = nn.Parameter(scale * torch.randn(dim, out_dim))
 
     def forward(self, images, interpolate_pos=False, skip_last_block=True):
         """images: normalized [B, 3, H, W] -> hidden states [B, 1 + (H/p)*(W/p), dim].
@@ -134,16 +137,21 @@ class VisionTransformer(nn.Module):
 
 
 def visual_state_dict(state_dict):
-    """The `visual.*` tensors of a full CLIP checkpoint with the prefix stripped.
+    """The `visual.*` tensors of a full CLIP checkpoint with the prefix stripped, or the image tower
+    of a transformers `CLIPVisionModel` checkpoint converted to our names.
 
     A checkpoint without any `visual.` key is taken to hold the image tower alone.
     """
+    if is_hf_clip(state_dict):
+        return clip_from_hf(state_dict)
     visual = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     return visual or state_dict
 
 
 def load_clip_visual(path, dtype=torch.float32, device="cpu", **config):
-    """Builds `VisionTransformer(**config)` on meta and fills it strictly from the visual keys at `path`."""
+    """Builds `VisionTransformer(**config)` on meta and fills it strictly from the visual keys at `path`
+    (official open-clip layout, or transformers CLIPVisionModel layout: pass out_dim=None when
+    that file has no `visual_projection`)."""
     model = load_model(lambda: VisionTransformer(**config), path, dtype=dtype, device=device,
                        convert=visual_state_dict)
     return model.eval().requires_grad_(False)

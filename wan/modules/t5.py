@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_model
+from ..convert.encoders_hf import is_hf_t5, t5_from_hf
 from .attention import attention
 from .norms import RMSNorm
 
@@ -150,9 +151,11 @@ class T5Encoder(nn.Module):
 
 
 def load_t5_encoder(path, dtype=torch.bfloat16, device="cpu", **config):
-    """Builds a `T5Encoder(**config)` on the meta device and fills it strictly from `path`.
+    """Builds a `T5Encoder(**config)` on the meta device and fills it strictly from `path` (the
+    official `.pth`, or a transformers `UMT5EncoderModel` checkpoint in a diffusers folder).
 
     Returns the model in eval mode with gradients off, on `device` in `dtype`.
     """
-    model = load_model(lambda: T5Encoder(**config), path, dtype=dtype, device=device)
+    model = load_model(lambda: T5Encoder(**config), path, dtype=dtype, device=device,
+                       convert=lambda state: t5_from_hf(state) if is_hf_t5(state) else state)
     return model.eval().requires_grad_(False)
