@@ -89,3 +89,37 @@ def clip_to_hf(state_dict):
     if head is not None:
         out["visual_projection.weight"] = head.t().contiguous()
     return out
+
+
+def t5_config_from_hf(config):
+    """transformers UMT5Config dict -> `T5Encoder` arguments."""
+    return dict(vocab=config["vocab_size"], dim=config["d_model"], dim_attn=config["num_heads"] * config["d_kv"],
+                dim_ffn=config["d_ff"], num_heads=config["num_heads"], num_layers=config["num_layers"],
+                num_buckets=config["relative_attention_num_buckets"], shared_pos=False, dropout=0.0)
+
+
+def t5_config_to_hf(config):
+    """`T5Encoder` arguments -> transformers UMT5Config keyword arguments."""
+    return dict(vocab_size=config["vocab"], d_model=config["dim"], d_kv=config["dim_attn"] // config["num_heads"],
+                d_ff=config["dim_ffn"], num_heads=config["num_heads"], num_layers=config["num_layers"],
+                relative_attention_num_buckets=config["num_buckets"], feed_forward_proj="gated-gelu",
+                dropout_rate=0.0, tie_word_embeddings=False)
+
+
+def clip_config_from_hf(config, has_projection):
+    """transformers CLIPVisionConfig dict -> `VisionTransformer` arguments."""
+    dim = config["hidden_size"]
+    return dict(image_size=config["image_size"], patch_size=config["patch_size"], dim=dim,
+                mlp_ratio=config["intermediate_size"] // dim, num_heads=config["num_attention_heads"],
+                num_layers=config["num_hidden_layers"], activation=config.get("hidden_act", "gelu"),
+                norm_eps=config.get("layer_norm_eps", 1e-5),
+                out_dim=config.get("projection_dim") if has_projection else None)
+
+
+def clip_config_to_hf(config):
+    """`VisionTransformer` arguments -> transformers CLIPVisionConfig keyword arguments."""
+    dim = config["dim"]
+    return dict(hidden_size=dim, intermediate_size=config["mlp_ratio"] * dim, num_attention_heads=config["num_heads"],
+                num_hidden_layers=config["num_layers"], image_size=config["image_size"],
+                patch_size=config["patch_size"], hidden_act=config.get("activation", "gelu"),
+                layer_norm_eps=config.get("norm_eps", 1e-5), projection_dim=config.get("out_dim") or dim)
