@@ -93,7 +93,7 @@ def _dit_folders(folder, moe):
         names = ["transformer", "transformer_2"] if moe else ["transformer"]
     else:
         names = ["high_noise_model", "low_noise_model"] if moe else ["."]
-    return [_require(folder / n, "DiT folder") if n != "." else folder for n in names]
+    return [_require(folder / n, "DiT folder") for n in names]
 
 
 DIT_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
@@ -152,6 +152,34 @@ def _load_clip(folder, preset, extra, device):
     return CLIPImageEncoder.from_checkpoint(weights, device=device, **config)
 
 
+def required_files(folder, preset):
+    """Paths a folder must hold for `preset`, so a missing file is reported before any loading."""
+    folder = Path(folder)
+    if is_diffusers_folder(folder):
+        names = ["transformer", "transformer_2"] if preset.is_moe else ["transformer"]
+        names += ["vae", "text_encoder", "tokenizer"] + (["image_encoder"] if preset.use_clip else [])
+        return [folder / n for n in names]
+    files = [folder / preset.vae_checkpoint, folder / preset.files["t5_checkpoint"],
+             folder / preset.files["t5_tokenizer"]]
+    if preset.use_clip:
+        files.append(folder / preset.files["clip_checkpoint"])
+    return [*_dit_folders(folder, preset.is_moe), *files]
+
+
+def check_folder(checkpoint_dir, task):
+    """Resolves the preset and checks that every file is there; returns the preset (no weights read)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    preset, _ = resolve_preset(task, folder)
+    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
+    for dit_folder in _dit_folders(folder, preset.is_moe):
+        dit_weights(dit_folder)
+    if missing:
+        raise CheckpointError(f"{folder} is not a complete {preset.name} checkpoint; missing: {', '.join(missing)}")
+    return preset
+
+
 def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False, offload_model=False):
     """Loads every module a task needs from a checkpoint folder.
 
@@ -160,8 +188,7 @@ def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False
     offload_model: keep the DiT (A14B: the idle expert) on the CPU between uses.
     """
     folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    check_folder(folder, task)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

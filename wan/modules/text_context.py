@@ -39,5 +39,6 @@ def fold_padding(context, text_len):
     tokens = torch.stack([F.pad(r, (0, 0, 0, keys - r.shape[0])) for r in rows])
     bias = torch.zeros(len(rows), keys, device=tokens.device)
     for i, n in enumerate(lengths):
-        bias[i, n:] = math.log((text_len - n) / (keys - n))
+        # A full-length prompt has no padding: its filler slots are masked out instead.
+        bias[i, n:] = math.log((text_len - n) / (keys - n)) if n < text_len else -math.inf
     return tokens, bias
