@@ -1,0 +1,98 @@
+"""`inference.py` end to end on a tiny checkpoint, and its up-front checks of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio
+import pytest
+
+from pipelines.tiny_checkpoint import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_i2v(tmp_path_factory):
+    return make_tiny_checkpoint("i2v", tmp_path_factory.mktemp("ckpt") / "i2v")
+
+
+def run_inference(*args):
+    return subprocess.run([sys.executable, str(REPO / "inference.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_inference_writes_videos_and_sidecars(tiny_i2v, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    image = REPO / "prompts" / "images" / "first_frame.png"
+    prompts.write_text(f"# comment\n{image}\tA bird flies over a river.\n\n{image}\tWaves on a beach.\n")
+    out = tmp_path / "out"
+    result = run_inference("--task", "i2v", "--checkpoint_dir", tiny_i2v, "--data_path", prompts,
+                           "--output_folder", out, "--frame_num", 5, "--sample_steps", 2, "--seed", 11, "--fps", 8)
+    assert result.returncode == 0, result.stderr
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["000_A_bird_flies_over_a_river.mp4", "001_Waves_on_a_beach.mp4"]
+    for index, video in enumerate(videos):
+        reader = imageio.get_reader(str(video), "ffmpeg")
+        frames = [f for f in reader]
+        assert len(frames) == 5 and reader.get_meta_data()["fps"] == 8
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["seed"] == 11 + index and sidecar["frame_num"] == 5 and sidecar["task"] == "i2v-14B"
+        assert frames[0].shape == (sidecar["height"], sidecar["width"], 3)
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_inference_yaml_config_is_overridden_by_the_command_line(tiny_i2v, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("frame_num: 9\nsample_steps: 1\nseed: 5\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{REPO / 'prompts/images/first_frame.png'}\tA tree.\n")
+    result = run_inference("--task", "i2v", "--checkpoint_dir", tiny_i2v, "--data_path", prompts,
+                           "--output_folder", tmp_path / "out", "--config_path", config, "--frame_num", 5)
+    assert result.returncode == 0, result.stderr
+    sidecar = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert (sidecar["frame_num"], sidecar["sample_steps"], sidecar["seed"]) == (5, 1, 5)
+
+
+BAD_INPUTS = [
+    ("size", ["--size", "832*480"], "size 832*480 is not supported by i2v-14B; supported sizes (W*H): 64*64, 96*64"),
+    ("frames", ["--frame_num", "8"], "frame_num must be 4n+1"),
+    ("empty_prompts", [], "has no prompts"),
+    ("bad_image", [], "cannot read image"),
+    ("missing_image", [], "image not found"),
+    ("missing_file", [], "missing: "),
+    ("missing_folder", [], "checkpoint folder not found"),
+    ("wrong_task", ["--task", "t2v-A14B"], "holds a 'i2v-14B' model, which task 't2v-A14B' cannot run"),
+]
+
+
+@pytest.mark.parametrize("case,extra,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_inference_bad_input_fails_early_with_one_clear_line(tiny_i2v, tmp_path, capsys, case, extra, message):
+    image = REPO / "prompts" / "images" / "first_frame.png"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{image}\tA bird.\n")
+    checkpoint = tiny_i2v
+    if case == "empty_prompts":
+        prompts.write_text("# nothing here\n\n")
+    elif case == "bad_image":
+        (tmp_path / "broken.png").write_bytes(b"not a png")
+        prompts.write_text("broken.png\tA bird.\n")
+    elif case == "missing_image":
+        prompts.write_text("nowhere.png\tA bird.\n")
+    elif case == "missing_file":
+        checkpoint = tmp_path / "partial"
+        make_tiny_checkpoint("i2v", checkpoint)
+        (checkpoint / "Wan2.1_VAE.pth").unlink()
+    elif case == "missing_folder":
+        checkpoint = tmp_path / "nowhere"
+    args = {"--task": "i2v", "--checkpoint_dir": checkpoint, "--data_path": prompts,
+            "--output_folder": tmp_path / "out"}
+    for key, value in zip(extra[::2], extra[1::2]):
+        args[key] = value
+    import inference
+
+    assert inference.main([str(x) for kv in args.items() for x in kv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
