@@ -1,0 +1,118 @@
+"""The training loop every trainer runs in.
+
+One optimizer step consumes `train.total_batch_size` samples: micro-batches of `train.batch_size`
+on each of the N processes, accumulated over total / (batch_size * N) forwards. Global micro-batch
+g of step s is the same data and the same noise whatever N is (data order and the per-micro-batch
+generator are functions of (seed, g)), so runs on 1 and 2 processes, and a resumed run, follow the
+same loss curve.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from wan.lora import parameter_report
+
+from . import TRAINERS
+from .checkpointing import Checkpointer
+from .config import DTYPES
+from .data import build_dataset, build_loader
+from .ema import EMA
+from .metrics import MetricLogger, memory_gb
+from .parallelize import apply_activation_checkpointing, apply_fsdp, init_distributed, materialize
+
+log = logging.getLogger("trainers")
+
+
+def build_optimizer(params, cfg):
+    """AdamW over `params` with linear warmup to `cfg.lr`."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  eps=cfg.eps)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return optimizer, scheduler
+
+
+def micro_batch_seed(seed, g):
+    return (seed * 1_000_003 + g) % 2**63
+
+
+def train(cfg, logdir, resume=None):
+    """Runs `cfg` (a validated config) writing to `logdir`. resume: a checkpoint folder, or "latest"
+    (the newest in logdir, if any). Returns the per-step metrics of this process's run (main rank)."""
+    env = init_distributed()
+    logdir = Path(logdir)
+    torch.manual_seed(cfg.seed + env.rank)
+    if env.is_main:
+        logdir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, logdir / "config.yaml")
+
+    trainer = TRAINERS[cfg.trainer](cfg, env.device)
+    model = trainer.model
+    log.info("%s trainer: %s", cfg.trainer, parameter_report(model))
+    if cfg.model.gradient_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, param_dtype=DTYPES[cfg.train.mixed_precision])
+    materialize(model, trainer.initial_state() if env.is_main else None, env.device)
+    if cfg.train.shard_frozen:
+        for module in trainer.frozen_modules():
+            apply_fsdp(module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg.optimizer)
+    ema = EMA(model, cfg.train.ema_weight, cfg.train.ema_start_step) if cfg.train.ema_weight is not None else None
+    checkpointer = Checkpointer(logdir / "checkpoints", env, trainer, optimizer, scheduler, ema,
+                                cfg.checkpoint.keep_last)
+
+    step = 0
+    if resume == "latest":
+        resume = checkpointer.latest()
+        if resume is None:
+            log.info("no checkpoint in %s yet; starting from scratch", logdir)
+    if resume is not None:
+        step = checkpointer.load(resume)
+
+    micro_batches = cfg.train.total_batch_size // cfg.train.batch_size  # per step, all processes
+    accumulation = micro_batches // env.world_size
+    dataset = build_dataset(cfg.data, cfg.seed)
+    loader = iter(build_loader(dataset, cfg.train.batch_size, cfg.seed, start=step * micro_batches + env.rank,
+                               stride=env.world_size, num_workers=cfg.data.num_workers))
+    logger = MetricLogger(cfg, logdir, env.is_main, step)
+    history = []
+    model.train()
+    while step < cfg.train.max_steps:
+        start = time.perf_counter()
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+        for micro in range(accumulation):
+            batch = next(loader)
+            g = step * micro_batches + micro * env.world_size + env.rank
+            generator = torch.Generator(env.device).manual_seed(micro_batch_seed(cfg.seed, g))
+            loss, metrics = trainer.loss(batch, generator)
+            (loss / accumulation).backward()
+            totals += torch.tensor([loss.item(), metrics["tokens"]], dtype=torch.float64)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            ema.update(step)
+
+        dist.all_reduce(totals)
+        elapsed = time.perf_counter() - start
+        record = {"loss": totals[0].item() / micro_batches, "lr": lr, "grad_norm": grad_norm.item(),
+                  "step_time": elapsed, "tokens_per_s": totals[1].item() / elapsed,
+                  "memory_gb": memory_gb(env.device)}
+        logger.log(step, record)
+        history.append({"step": step, **record})
+        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+            checkpointer.save(step)
+    logger.close()
+    if env.owns_group:
+        dist.destroy_process_group()
+    return history

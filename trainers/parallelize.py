@@ -1,0 +1,79 @@
+"""Parallelism applied from outside the model (torchtitan style): the process group, activation
+checkpointing, FSDP2 sharding with mixed precision, and filling the sharded weights.
+
+The trainable weights stay fp32 (the master copy the optimizer updates); FSDP all-gathers them in
+the compute dtype for forward/backward and reduces gradients in fp32.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # this process created the group (plain `python train.py`) and destroys it
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Joins the torchrun process group, or makes a 1-process one: NCCL on GPU, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+def apply_activation_checkpointing(model):
+    """Recompute every block's activations in backward."""
+    model.set_gradient_checkpointing(True)
+
+
+def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32):
+    """FSDP2: one unit per block of every ModuleList (the transformer blocks), then the root.
+
+    param_dtype: the dtype weights are gathered and computed in (None: their own, which must be uniform).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def materialize(model, state, device):
+    """Allocates a meta-device (sharded) model on `device` and fills it from the full state dict
+    `state`, read on rank 0 only (other ranks pass None) and broadcast shard by shard."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, dict(state) if state is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
