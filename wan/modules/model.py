@@ -82,9 +82,13 @@ class SelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, heads)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
-    def forward(self, x, rope, attn_mask=None):
-        """x [B, L, C], rope (cos, sin) [L, 1, D/2], attn_mask broadcastable to [B, H, L, L]."""
+    def forward(self, x, rope, attn_mask=None, kv_cache=None):
+        """x [B, L, C], rope (cos, sin) [L, 1, D/2], attn_mask broadcastable to [B, H, L, L].
+        kv_cache: this layer's cache of earlier frames (`kv_cache.LayerKVCache`, causal generation);
+        it stores this call's rotated keys and values and attends over what it holds."""
         q, k, v = self.qkv(x, rope)
+        if kv_cache is not None:
+            return self.o(kv_cache.attend(q, k, v).flatten(2))
         if self.window_size != (-1, -1):
             window = local_window_mask(x.shape[1], self.window_size, x.device)
             attn_mask = window if attn_mask is None else attn_mask & window
@@ -151,16 +155,19 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e, rope, context, attn_mask=None):
+    def forward(self, x, e, rope, context, attn_mask=None, kv_cache=None, cross_kv=None):
         """
         x: [B, L, C] fp32 residual stream.  e: [B, L or 1, 6, C] fp32 time modulation.
         rope: (cos, sin) [L, 1, D/2].  context: `CrossContext` of embedded text (and image) tokens.
+        kv_cache: self-attention cache of earlier frames (see `SelfAttention.forward`).
+        cross_kv: `cross_attn.context_kv(context)` computed once per prompt; replaces `context`.
         """
         dtype = self.self_attn.q.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
         h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
-        x = torch.addcmul(x, self.self_attn(h, rope, attn_mask).float(), gate_sa)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
+        x = torch.addcmul(x, self.self_attn(h, rope, attn_mask, kv_cache).float(), gate_sa)
+        h = self.norm3(x).to(dtype)
+        x = x + (self.cross_attn(h, context) if cross_kv is None else self.cross_attn.attend(h, cross_kv)).float()
         h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
         return torch.addcmul(x, self.ffn(h).float(), gate_ff)
 
