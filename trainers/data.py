@@ -191,7 +191,7 @@ class VideoDataset(SampleSet):
             from PIL import Image
 
             with Image.open(entry["file_path"]) as image:
-                pixels = np.asarray(image.convert("RGB"))[None]
+                pixels = np.array(image.convert("RGB"))[None]
         else:
             rng = random.Random(f"{self.seed}/{epoch}/{index}")
             indices = sample_frame_indices(count_frames(entry["file_path"]), frames, self.frame_stride, rng)

@@ -43,9 +43,16 @@ def micro_batch_seed(seed, g):
 
 def train(cfg, logdir, resume=None):
     """Runs `cfg` (a validated config) writing to `logdir`. resume: a checkpoint folder, or "latest"
-    (the newest in logdir, if any). Returns the per-step metrics of this process's run (main rank)."""
+    (the newest in logdir, if any). Returns the metrics of every step run."""
     env = init_distributed()
-    logdir = Path(logdir)
+    try:
+        return run(cfg, Path(logdir), resume, env)
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def run(cfg, logdir, resume, env):
     torch.manual_seed(cfg.seed + env.rank)
     if env.is_main:
         logdir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,4 @@ def train(cfg, logdir, resume=None):
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             checkpointer.save(step)
     logger.close()
-    if env.owns_group:
-        dist.destroy_process_group()
     return history
