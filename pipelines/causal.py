@@ -78,7 +78,7 @@ class CausalPipeline:
         device = model.model.device
         for start, size in zip(boundaries, sizes):
             if start < given:
-                latents = prefix[:, :, start:start + size].float()
+                latents = prefix[:, :, start:start + size].to(device, torch.float32)
             else:
                 x = (torch.randn(shape[:2] + (size,) + shape[2:], generator=generator, device=device)
                      if noise is None else noise[:, :, start - given:start - given + size].to(device))

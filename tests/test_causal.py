@@ -3,9 +3,10 @@ unbounded length, streaming decode, pipelines and checkpoint loading (tiny fp32 
 
 import pytest
 import torch
+import yaml
 
-from conftest import randomize, tiny_dit_config
-from pipelines.causal import CausalPipeline
+from conftest import REPO_ROOT, randomize, tiny_dit_config
+from pipelines.causal import CausalPipeline, causal_model_from_config, pipeline_from_config
 from wan.modules.attention import attention
 from wan.modules.causal_model import CausalWanModel, load_causal_dit
 from wan.modules.model import WanModel
@@ -120,7 +121,7 @@ def test_causal_rolling_cache_with_sink_matches_explicit_window_sink_mask(wan, o
     per_frame, per_block = _block_timesteps(causal, num_frames)
     with torch.no_grad():
         tokens, grid = wan.embed_tokens(x)
-        e, e0 = causal.embed_time(per_frame, grid[0], grid[1] * grid[2])
+        e, e0 = causal.embed_time(per_frame, grid)
         reference = WindowSinkReference(causal, grid[0], grid[1] * grid[2])
         rope, embedded = wan.rope(grid, x.device), wan.embed_context(context)
         for block in wan.blocks:
@@ -155,25 +156,26 @@ def test_causal_generates_past_1024_frames_without_wrapping():
     # Positions beyond the reference's 1024-row RoPE table: with a window, an output depends only on
     # the last few frames and their distances, so the last frames must come out exactly as the same
     # inputs do at the start of a fresh video. A table lookup that wrapped at 1024 would break that.
-    causal = CausalWanModel(_one_token_model(), num_frame_per_block=4, local_attn_size=8)
-    frames, suffix = 1032, 32
+    causal = CausalWanModel(_one_token_model(), num_frame_per_block=8, local_attn_size=16)
+    frames, suffix = 1032, 48
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(1, 16, frames, 2, 2, generator=g), torch.randn(1, 5, 32, generator=g)
-    t = torch.rand(frames // 4, generator=g) * 1000
+    t = torch.rand(frames // 8, generator=g) * 1000
 
     def run(first):
         kv, cross = causal.new_kv_cache(), causal.cross_cache(context)
-        outs = [causal.forward_block(x[:, :, i:i + 4], t[i // 4:i // 4 + 1], i - first, kv, cross)
-                for i in range(first, frames, 4)]
+        outs = [causal.forward_block(x[:, :, i:i + 8], t[i // 8:i // 8 + 1], i - first, kv, cross)
+                for i in range(first, frames, 8)]
         return torch.cat(outs, dim=2), kv
 
     with torch.no_grad():
         long, kv = run(0)
-        assert causal._block_rope[0][1] == frames - 4  # the last block really sat at frame 1028
+        assert causal._block_rope[0][1] == frames - 8  # the last block really sat at frame 1024
         fresh, _ = run(frames - suffix)
     assert torch.isfinite(long).all()
-    torch.testing.assert_close(long[:, :, -8:], fresh[:, :, -8:], atol=1e-5, rtol=1e-5)
-    assert kv.layers[0].k.shape[1] == 8  # memory stayed at the window
+    # Two layers over a 16-frame window: the last 16 outputs depend on frames 1000 on only.
+    torch.testing.assert_close(long[:, :, -16:], fresh[:, :, -16:], atol=1e-5, rtol=1e-5)
+    assert kv.layers[0].k.shape[1] == 16  # memory stayed at the window
 
 
 def test_causal_unbounded_window_pipeline_runs_past_1024_frames():
@@ -280,3 +282,13 @@ def test_causal_cache_rejects_out_of_order_blocks(wan):
             causal.forward_block(x, torch.zeros(1), 4, kv, cross)
     with pytest.raises(ValueError, match="must hold sink_size"):
         CausalWanModel(wan, num_frame_per_block=3, local_attn_size=3, sink_size=1)
+
+
+def test_causal_self_forcing_config_gives_the_few_step_pipeline(wan):
+    config = yaml.safe_load((REPO_ROOT / "configs" / "self_forcing_dmd.yaml").read_text())
+    causal = causal_model_from_config(wan, config)
+    pipe = pipeline_from_config(causal, config)
+    assert (causal.num_frame_per_block, causal.local_attn_size, causal.sink_size) == (3, -1, 0)
+    assert causal.block_sizes(config["num_output_frames"]) == [3] * 7
+    assert pipe.guide_scale == 1 and pipe.context_noise == 0
+    torch.testing.assert_close(pipe.sampler.timesteps, torch.tensor([1000, 937.5, 2500 / 3, 625]))

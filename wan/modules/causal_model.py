@@ -62,15 +62,17 @@ class CausalWanModel(nn.Module):
             visible &= (key >= block_end - (self.local_attn_size - self.sink_size)) | (key < self.sink_size)
         return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
-    def embed_time(self, t, num_frames, tokens_per_frame):
-        """t [B] (one timestep for all frames) or [B, F] (per frame) -> (e [B, 1 or L, C],
-        e0 [B, 1 or L, 6, C]); a per-frame timestep is embedded once per frame, then spread to its tokens."""
+    def embed_time(self, t, grid):
+        """t [B] (one timestep for all frames) or [B, F] (per frame) of a token grid (F, h, w) ->
+        (e [B, 1 or L, C], e0 [B, 1 or L, 6, C]); a per-frame timestep is embedded once per frame,
+        then spread to the frame's tokens."""
+        frames, tokens_per_frame = grid[0], grid[1] * grid[2]
         if t.ndim == 1:
-            return self.model.embed_time(t, num_frames * tokens_per_frame)
-        if t.shape[1:] != (num_frames,):
-            raise ValueError(f"t must be [B] or [B, {num_frames}] (one per frame), got {tuple(t.shape)}")
+            return self.model.embed_time(t, frames * tokens_per_frame)
+        if t.shape[1:] != (frames,):
+            raise ValueError(f"t must be [B] or [B, {frames}] (one per frame), got {tuple(t.shape)}")
         e, e0 = self.model.embed_time(t.flatten(), 1)
-        return tuple(a.view(t.shape[0], num_frames, *a.shape[2:]).repeat_interleave(tokens_per_frame, 1)
+        return tuple(a.view(t.shape[0], frames, *a.shape[2:]).repeat_interleave(tokens_per_frame, 1)
                      for a in (e, e0))
 
     def forward(self, x, t, context, clip_fea=None):
@@ -79,9 +81,8 @@ class CausalWanModel(nn.Module):
         Returns [B, out_dim, F, H, W] fp32."""
         model = self.model
         tokens, grid = model.embed_tokens(x)
-        tokens_per_frame = grid[1] * grid[2]
-        e, e0 = self.embed_time(t, grid[0], tokens_per_frame)
-        mask = self.attention_mask(grid[0], tokens_per_frame, tokens.device)
+        e, e0 = self.embed_time(t, grid)
+        mask = self.attention_mask(grid[0], grid[1] * grid[2], tokens.device)
         tokens = model.run_blocks(tokens, e0, model.rope(grid, tokens.device),
                                   model.embed_context(context, clip_fea), mask)
         return model.project_out(tokens, e, grid)
@@ -101,9 +102,8 @@ class CausalWanModel(nn.Module):
         Returns [B, out_dim, F, H, W] fp32."""
         model = self.model
         tokens, grid = model.embed_tokens(x)
-        tokens_per_frame = grid[1] * grid[2]
-        kv_cache.begin_block(start, grid[0], tokens_per_frame)
-        e, e0 = self.embed_time(t, grid[0], tokens_per_frame)
+        kv_cache.begin_block(start, grid[0], grid[1] * grid[2])
+        e, e0 = self.embed_time(t, grid)
         rope = self.block_rope(grid, start, tokens.device)
         for block, layer_cache, cross_kv in zip(model.blocks, kv_cache.layers, cross_cache.layers):
             tokens = block(tokens, e0, rope, None, kv_cache=layer_cache, cross_kv=cross_kv)
