@@ -234,3 +234,9 @@ def test_train_toml_config_equals_yaml(tmp_path):
                     '[checkpoint]\nevery = 10\nexport_dtype = "fp32"\n')
     overrides = [f"data.path={tmp_path}"]
     assert load_config(toml, overrides) == load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize("name", ["t2v_1.3B_finetune.yaml", "t2v_1.3B_lora.yaml", "i2v_14B_lora.toml"])
+def test_train_shipped_configs_validate(name, tmp_path):
+    cfg = load_config(REPO_ROOT / "configs" / name, [f"data.path={tmp_path}", "model.checkpoint=null"], world_size=8)
+    assert cfg.trainer == "diffusion"
