@@ -22,6 +22,22 @@ DEFAULT_TILE_SIZE = (256, 256)  # pixels (h, w)
 DEFAULT_TILE_OVERLAP = (64, 64)
 
 
+def conv3d(x, weight, bias, stride=1, padding=0):
+    """`F.conv3d` with a choice of CPU kernel that suits video chunks (fp32).
+
+    PyTorch picks the kernel with a size rule made for images, which sends small chunks (such as the
+    decoder's one-frame steps) to the im2col kernel, several times slower than oneDNN there. But
+    oneDNN re-lays out the weights on every call, which does not pay off with few positions per
+    weight: measured on the Wan VAE shapes, it wins from about as many input positions as channels.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return F.conv3d(x, weight, bias, stride, padding)
+    stride, padding = ([v] * 3 if isinstance(v, int) else list(v) for v in (stride, padding))
+    if x.shape[2:].numel() >= x.shape[1]:
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
+    return torch.ops.aten.slow_conv3d(x, weight, weight.shape[2:], bias, stride, padding)
+
+
 class Causal:
     """Marker for modules called as `forward(x, cache)`; `CausalSequential` hands them its cache."""
 
@@ -60,7 +76,7 @@ class CausalConv3d(nn.Conv3d, Causal):
             if cache is not None:
                 # clone: a view would keep the whole chunk alive until the next call
                 cache[self] = x[:, :, -self.history:].clone()
-        return super().forward(x)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class FrameConv2d(nn.Conv2d):
@@ -72,7 +88,7 @@ class FrameConv2d(nn.Conv2d):
     """
 
     def forward(self, x):
-        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
+        return conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
 
 
 class RMS_norm(nn.Module):
@@ -89,7 +105,7 @@ class RMS_norm(nn.Module):
 
     def forward(self, x):
         gain = self.gamma.view(-1, *(1,) * (x.ndim - 2)) * self.scale
-        return F.normalize(x, dim=1) * gain
+        return F.normalize(x, dim=1).mul_(gain)
 
 
 class Resample(nn.Module, Causal):
@@ -299,7 +315,7 @@ class CausalVideoVAE(nn.Module):
         # Only the mean half of conv1 (a 1x1x1 conv) is needed: skip computing the log-variance.
         weight, bias = self.conv1.weight[:self.z_dim], self.conv1.bias[:self.z_dim]
         for chunk in (first, *rest.split(self.temporal_stride, dim=2)):
-            mu.append(F.conv3d(self.encoder(chunk, cache), weight, bias).float())
+            mu.append(conv3d(self.encoder(chunk, cache), weight, bias).float())
         mean, std = self._stats(x)
         return (torch.cat(mu, dim=2) - mean) / std
 
