@@ -14,6 +14,8 @@ each with its own caches. Blocks come out as soon as they are done (`generate` y
 `stream_video` pixels through the streaming VAE decoder), for any number of frames.
 """
 
+from itertools import accumulate
+
 import torch
 
 from wan.modules.causal_model import CausalWanModel
@@ -64,7 +66,7 @@ class CausalPipeline:
         model = self.model
         sizes = model.block_sizes(num_frames)
         given = 0 if prefix is None else prefix.shape[2]
-        boundaries = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        boundaries = [0, *accumulate(sizes)]
         if given not in boundaries:
             raise ValueError(f"prefix of {given} frames does not end on a block boundary; blocks of "
                              f"{num_frames} frames start at {boundaries}")
@@ -73,14 +75,12 @@ class CausalPipeline:
             if negative_context is None:
                 raise ValueError(f"guide_scale {self.guide_scale} needs negative_context")
             branches.append((model.new_kv_cache(), model.cross_cache(negative_context)))
-        batch = len(context)
-        shape = (batch, model.model.in_dim, *latent_size)
-        device = model.model.device
+        channels, device = model.model.in_dim, model.model.device
         for start, size in zip(boundaries, sizes):
             if start < given:
                 latents = prefix[:, :, start:start + size].to(device, torch.float32)
             else:
-                x = (torch.randn(shape[:2] + (size,) + shape[2:], generator=generator, device=device)
+                x = (torch.randn(len(context), channels, size, *latent_size, generator=generator, device=device)
                      if noise is None else noise[:, :, start - given:start - given + size].to(device))
                 latents = self._denoise(x, start, branches, generator)
             yield latents
