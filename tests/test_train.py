@@ -240,3 +240,33 @@ def test_train_toml_config_equals_yaml(tmp_path):
 def test_train_shipped_configs_validate(name, tmp_path):
     cfg = load_config(REPO_ROOT / "configs" / name, [f"data.path={tmp_path}", "model.checkpoint=null"], world_size=8)
     assert cfg.trainer == "diffusion"
+
+
+@pytest.mark.parametrize("teacher_forcing", [False, True])
+def test_train_causal_diffusion_forcing(shapes, tmp_path, teacher_forcing):
+    cfg = load_config(TINY, [f"data.path={shapes.latents}", "causal.enabled=true", "causal.num_frame_per_block=1",
+                             f"causal.teacher_forcing={teacher_forcing}", "train.max_steps=2", "checkpoint.every=2"])
+    history = train(cfg, tmp_path)
+    assert all(np.isfinite(r["loss"]) for r in history)
+    model = load_dit(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")  # official names
+    assert len(model.blocks) == 2
+
+
+def test_train_teacher_forcing_attends_to_earlier_clean_blocks_only():
+    from conftest import randomize, tiny_dit_config
+    from trainers.diffusion import TeacherForcedCausalWan
+    from wan.modules.model import WanModel
+
+    model = TeacherForcedCausalWan(randomize(WanModel(**tiny_dit_config())), num_frame_per_block=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x, clean = torch.randn(2, 1, 16, 3, 4, 4, generator=g)
+    t, context = torch.tensor([[900.0, 500.0, 100.0]]), torch.randn(1, 4, 32, generator=g)
+    with torch.no_grad():
+        out = model(x, t, context, clean=clean)
+        later = clean.clone()
+        later[:, :, 2] += 1  # the last block's clean frame is seen by no noisy block
+        torch.testing.assert_close(model(x, t, context, clean=later), out, atol=1e-6, rtol=0)
+        first = clean.clone()
+        first[:, :, 0] += 1  # seen by noisy blocks 1 and 2, not by block 0
+        changed = (model(x, t, context, clean=first) - out).abs().amax(dim=(0, 1, 3, 4))
+        assert changed[0] < 1e-6 and (changed[1:] > 1e-4).all()

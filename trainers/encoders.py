@@ -5,23 +5,13 @@ Used online by the trainer and once, offline, by scripts/cache_latents.py."""
 import torch
 from omegaconf import OmegaConf
 
+from pipelines.conditioning import known_frame_mask
 from wan.configs import get_preset
 from wan.convert_vae import load_vae
 from wan.modules.clip import CLIPImageEncoder
 from wan.modules.text_encoder import T5TextEncoder
 
 from .config import DTYPES
-
-
-def condition_mask(num_frames, height, width, temporal_stride, keep_last=False):
-    """The official i2v/flf2v mask: [stride, F_lat, h, w], ones where a pixel frame is given
-    (the first, and for flf2v the last), the first frame counted `stride` times."""
-    mask = torch.zeros(num_frames, height, width)
-    mask[0] = 1
-    if keep_last:
-        mask[-1] = 1
-    mask = torch.cat([mask[:1].repeat(temporal_stride - 1, 1, 1), mask])
-    return mask.view(-1, temporal_stride, height, width).transpose(0, 1)
 
 
 class Encoders:
@@ -65,5 +55,5 @@ class Encoders:
         if keep_last:
             given[:, :, -1] = video[:, :, -1]
         latents = self.vae.encode(given).float()
-        mask = condition_mask(video.shape[2], *latents.shape[-2:], self.vae.temporal_stride, keep_last)
+        mask = known_frame_mask(video.shape[2], *latents.shape[-2:], self.vae.temporal_stride, keep_last)
         return torch.cat([mask.to(latents)[None].expand(len(video), -1, -1, -1, -1), latents], dim=1)

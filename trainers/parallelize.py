@@ -15,6 +15,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from wan.modules.model import WanModel
+
 
 @dataclass
 class DistEnv:
@@ -52,8 +54,10 @@ def init_distributed():
 
 
 def apply_activation_checkpointing(model):
-    """Recompute every block's activations in backward."""
-    model.set_gradient_checkpointing(True)
+    """Recompute every block's activations in backward (of each WanModel in `model`)."""
+    for module in model.modules():
+        if isinstance(module, WanModel):
+            module.set_gradient_checkpointing(True)
 
 
 def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32):
