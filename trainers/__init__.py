@@ -1,12 +1,13 @@
 """Trainers, chosen by the config's `trainer:` name; all run in the shared loop (`trainers.loop.train`).
 
 A trainer class is registered with `@register_trainer("name")` and provides:
-    config_problems(cfg) (classmethod): config errors specific to it, as strings
-    __init__(cfg, device): builds its models (on the CPU, in fp32 for the trainable one)
-    model: the trainable nn.Module (sharded, checkpointed and EMA'd by the loop)
+    config_problems(cfg) (classmethod): its own config errors, as strings (checked before any work)
+    __init__(cfg, device): builds its models, the trainable one on the meta device
+    model: the trainable nn.Module (checkpointed, sharded, EMA'd and saved by the loop)
+    initial_state(): the full state dict `model` starts from (called on rank 0 only)
     frozen_modules(): frozen nn.Modules the loop may shard (encoders)
-    export(state, folder): writes the gathered trainable weights for inference
-    loss(batch, generator) -> (loss, metrics dict): one micro-batch; all randomness from `generator`
+    export(state, folder, suffix=""): writes gathered trainable weights for inference
+    loss(batch, generator) -> (loss, {"tokens": n}): one micro-batch; its randomness from `generator`
 """
 
 TRAINERS = {}

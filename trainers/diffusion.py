@@ -17,7 +17,7 @@ import math
 import torch
 
 from wan.checkpoint import save_state_dict
-from wan.lora import init_lora_A, inject_lora, lora_file_state, lora_modules
+from wan.lora import init_lora_A, inject_lora, lora_modules, save_lora
 from wan.model_loading import load_dit
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
@@ -132,8 +132,7 @@ class DiffusionTrainer:
         dtype = DTYPES[self.cfg.checkpoint.export_dtype]
         state = {k[len(self.prefix):]: v.to(dtype) for k, v in state.items()}
         if self.lora:
-            alphas = {name: m.alpha for name, m in lora_modules(self.dit_model).items()}
-            save_state_dict(lora_file_state(state, alphas), folder / f"lora{suffix}.safetensors")
+            save_lora(self.dit_model, folder / f"lora{suffix}.safetensors", tensors=state)
         else:
             save_state_dict(state, folder / f"model{suffix}.safetensors")
             (folder / "config.json").write_text(json.dumps(self.dit, indent=2))

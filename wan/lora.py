@@ -126,7 +126,8 @@ def lora_alphas(model):
 
 
 def save_lora(model, path, tensors=None):
-    """Writes the model's LoRA (or the given gathered `tensors` of it) in the ComfyUI/diffusers format."""
+    """Writes the model's LoRA, or `tensors` gathered from it ({<module>.lora_A.weight: ...}), in the
+    ComfyUI/diffusers format with the model's alphas."""
     if tensors is None:
         tensors = {name: p for name, p in model.named_parameters() if ".lora_" in name}
     save_state_dict(lora_file_state(tensors, lora_alphas(model)), path, metadata={"format": "pt"})
