@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest", "diffusers>=0.33", "accelerate", "sentencepiece"],
+        "test": ["pytest", "diffusers>=0.33", "accelerate", "sentencepiece", "peft"],
         "flash": ["flash-attn"],
     },
 )
