@@ -2,10 +2,13 @@
 
     python inference.py --task t2v --checkpoint_dir Wan2.1-T2V-1.3B --data_path prompts/t2v_examples.txt \
         --output_folder outputs/ [--config_path configs/x.yaml] [--size 832*480] [--frame_num 81] \
-        [--sample_steps 50] [--seed 0]
+        [--sample_steps 50] [--seed 0] [--lora my_lora.safetensors:0.8] [--dit_checkpoint DIR --use_ema]
 
-Settings come from the task's preset, then the YAML config, then the command line. Every input is
-checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a JSON sidecar.
+Settings come from the task's preset, then the YAML config, then the command line. A config with
+`num_frame_per_block` (e.g. configs/self_forcing_dmd.yaml) runs the causal streaming pipeline:
+blocks are decoded and written to the mp4 as they finish, for any `--num_output_frames`.
+Every input is checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a
+JSON sidecar.
 """
 
 import argparse
@@ -19,17 +22,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipelines.loading import TASK_PRESETS, check_folder, load_components
+from pipelines.causal import causal_model_from_config, pipeline_from_config
+from pipelines.loading import TASK_PRESETS, check_folder, load_components, replace_dit_weights, trained_dit_weights
 from pipelines.prompt_file import read_prompt_file
-from pipelines.validation import InvalidInput, check_image_file
-from pipelines.video_io import image_to_tensor, save_video
+from pipelines.validation import InvalidInput, check_image_file, check_positive, check_size
+from pipelines.video_io import image_to_tensor, resize_cover, video_writer, write_frames
 from pipelines.wan_video import SampleSettings, WanVideoPipeline
 from wan.checkpoint import CheckpointError
+from wan.lora import fuse_lora
 
 log = logging.getLogger("inference")
 
 SETTING_KEYS = ("size", "frame_num", "sample_steps", "sample_shift", "sample_solver", "guide_scale",
                 "negative_prompt", "seed")
+# Keys of Self-Forcing-style causal configs (see configs/self_forcing_dmd.yaml).
+CAUSAL_KEYS = ("model_name", "generator_ckpt", "use_ema", "denoising_step_list", "warp_denoising_step",
+               "num_train_timestep", "timestep_shift", "context_noise", "num_frame_per_block",
+               "independent_first_frame", "num_output_frames", "model_kwargs", "image_or_video_shape",
+               "guidance_scale", "sample_solver", "sample_steps", "negative_prompt", "seed", "size")
 
 
 def parse_args(argv=None):
@@ -38,9 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--data_path", required=True, help="prompt file (see pipelines/prompt_file.py)")
     parser.add_argument("--output_folder", required=True)
-    parser.add_argument("--config_path", help="YAML with any of the settings below")
+    parser.add_argument("--config_path", help="YAML with any of the settings below, or a causal config")
     parser.add_argument("--size", help="W*H as the official CLI, e.g. 832*480")
     parser.add_argument("--frame_num", type=int, help="4n+1 frames")
+    parser.add_argument("--num_output_frames", type=int, help="causal configs: latent frames to generate")
     parser.add_argument("--sample_steps", type=int)
     parser.add_argument("--sample_shift", type=float)
     parser.add_argument("--sample_solver", choices=["unipc", "dpm++", "euler"])
@@ -48,6 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--negative_prompt")
     parser.add_argument("--seed", type=int, help="base seed; prompt i uses seed + i")
     parser.add_argument("--fps", type=int, help="default: the preset's (16; 24 for TI2V-5B)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="fuse a LoRA file into the DiT (repeatable)")
+    parser.add_argument("--dit_checkpoint", help="trained DiT weights over the folder's: a train.py export "
+                                                 "folder, a weight file or a Self-Forcing .pt")
+    parser.add_argument("--use_ema", action="store_true", help="take the EMA weights of --dit_checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="DiT dtype")
     parser.add_argument("--offload_model", action="store_true", help="keep the DiT on the CPU when idle")
@@ -56,19 +72,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def merged_settings(args):
-    """Preset defaults < YAML config < command line."""
-    values = {}
-    if args.config_path:
-        from omegaconf import OmegaConf
+def read_config(path):
+    if not path:
+        return {}
+    from omegaconf import OmegaConf
 
-        if not Path(args.config_path).is_file():
-            raise InvalidInput(f"config file not found: {args.config_path}")
-        config = OmegaConf.to_container(OmegaConf.load(args.config_path))
-        unknown = set(config) - set(SETTING_KEYS) - {"fps", "task"}
-        if unknown:
-            raise InvalidInput(f"{args.config_path}: unknown setting(s) {sorted(unknown)}; known: {SETTING_KEYS}")
-        values.update(config)
+    if not Path(path).is_file():
+        raise InvalidInput(f"config file not found: {path}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def is_causal(config):
+    return "num_frame_per_block" in config
+
+
+def merged_settings(args, config):
+    """Preset defaults < YAML config < command line."""
+    known = CAUSAL_KEYS if is_causal(config) else SETTING_KEYS + ("fps", "task")
+    unknown = set(config) - set(known)
+    if unknown:
+        raise InvalidInput(f"{args.config_path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    values = {k: v for k, v in config.items() if k in SETTING_KEYS or k == "fps"}
     values.update({k: getattr(args, k) for k in SETTING_KEYS + ("fps",) if getattr(args, k) is not None})
     guide = values.get("guide_scale")
     if isinstance(guide, (list, tuple)):
@@ -77,19 +101,94 @@ def merged_settings(args):
     return SampleSettings(**{k: v for k, v in values.items() if k in SETTING_KEYS}), fps
 
 
+def parse_lora(spec):
+    path, _, scale = spec.rpartition(":") if re.search(r":[-+.\d]+$", spec) else (spec, "", "")
+    if not Path(path).is_file():
+        raise InvalidInput(f"LoRA file not found: {path}")
+    return path, float(scale) if scale else 1.0
+
+
 def output_stem(index, prompt):
     words = "_".join(re.findall(r"[A-Za-z0-9]+", prompt)[:6]) or "video"
     return f"{index:03d}_{words}"
+
+
+class BidirectionalRunner:
+    """Whole-clip generation: T2V, I2V, FLF2V, TI2V, A14B."""
+
+    def __init__(self, components, args, settings):
+        self.pipeline = WanVideoPipeline(components, args.device, offload_model=args.offload_model,
+                                         vae_tiling=args.vae_tiling)
+        self.settings = settings
+
+    def run(self, job, images, seed, writer):
+        settings = SampleSettings(**{**vars(self.settings), "seed": seed})
+        frames, height, width = write_frames(writer, self.pipeline.generate(job.prompt, *images, settings=settings))
+        return {"frames": frames, "height": height, "width": width, **vars(settings.resolved(self.pipeline.preset))}
+
+
+class CausalRunner:
+    """Block-by-block streaming generation with a causal (Self-Forcing / CausVid) model."""
+
+    def __init__(self, components, args, settings, config):
+        self.components = components
+        self.preset = components.preset
+        self.config = config
+        self.causal = causal_model_from_config(components.dit, config)
+        self.pipeline = pipeline_from_config(self.causal, config)
+        self.num_frames = args.num_output_frames or config.get("num_output_frames", 21)
+        self.size = settings.size or config.get("size") or self.preset.sizes[0]
+        self.negative_prompt = settings.negative_prompt or config.get("negative_prompt", self.preset.negative_prompt)
+        self.device = torch.device(args.device)
+        self.tiling = args.vae_tiling
+
+    def run(self, job, images, seed, writer):
+        vae, encoder = self.components.vae, self.components.text_encoder
+        width, height = (int(v) for v in self.size.split("*"))
+        latent_size = (height // vae.spatial_stride, width // vae.spatial_stride)
+        context, negative = encoder.encode([job.prompt, self.negative_prompt], device=self.device)
+        prefix = None
+        if images:
+            if not self.causal.independent_first_frame:
+                raise InvalidInput("an image prompt needs a config with independent_first_frame: true")
+            pixels = resize_cover(images[0].float(), width, height)[None, :, None]
+            prefix = vae.encode(pixels.to(vae.conv2.weight.device)).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        stream = self.pipeline.stream_video(vae, [context], self.num_frames, latent_size, negative_context=[negative],
+                                            prefix=prefix, generator=generator, tiled=self.tiling)
+        blocks = len(self.causal.block_sizes(self.num_frames))
+        frames = sum(write_frames(writer, pixels[0])[0] for pixels in tqdm(stream, total=blocks, desc="blocks",
+                                                                            leave=False))
+        settings = {k: self.config.get(k) for k in ("denoising_step_list", "num_frame_per_block",
+                                                    "independent_first_frame", "context_noise", "model_kwargs")}
+        return {**settings, "frames": frames, "height": height, "width": width, "size": self.size,
+                "num_output_frames": self.num_frames, "seed": seed, "negative_prompt": self.negative_prompt}
+
+
+def validate(args):
+    """Everything that can be checked without loading weights. Returns (preset, config, settings, fps, jobs, loras)."""
+    config = read_config(args.config_path)
+    settings, fps = merged_settings(args, config)
+    preset = check_folder(args.checkpoint_dir, args.task)
+    loras = [parse_lora(spec) for spec in args.lora]
+    dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
+    if dit_checkpoint:
+        trained_dit_weights(dit_checkpoint, args.use_ema or config.get("use_ema", False))
+    if is_causal(config):
+        check_size(preset, settings.size or config.get("size") or preset.sizes[0])
+        check_positive("num_output_frames", args.num_output_frames or config.get("num_output_frames", 21))
+        jobs = read_prompt_file(args.data_path, "causal")
+    else:
+        settings.resolved(preset)
+        jobs = read_prompt_file(args.data_path, preset.task)
+    return preset, config, settings, fps, jobs, loras
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings, fps = merged_settings(args)
-        preset = check_folder(args.checkpoint_dir, args.task)
-        settings.resolved(preset)
-        jobs = read_prompt_file(args.data_path, preset.task)
+        preset, config, settings, fps, jobs, loras = validate(args)
     except (InvalidInput, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,25 +196,36 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     components = load_components(args.checkpoint_dir, args.task, dtype=dtype, device=args.device,
                                  t5_cpu=args.t5_cpu, offload_model=args.offload_model)
-    pipeline = WanVideoPipeline(components, args.device, offload_model=args.offload_model, vae_tiling=args.vae_tiling)
+    dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
+    if dit_checkpoint:
+        replace_dit_weights(components, dit_checkpoint, args.use_ema or config.get("use_ema", False), dtype)
+        log.info("DiT weights from %s", dit_checkpoint)
+    experts = [components.dit.high_noise_model, components.dit.low_noise_model] if preset.is_moe \
+        else [components.dit]
+    for path, scale in loras:
+        for expert in experts:
+            with torch.no_grad():
+                fuse_lora(expert, path, scale)
+        log.info("fused LoRA %s (scale %s)", path, scale)
+    runner = CausalRunner(components, args, settings, config) if is_causal(config) \
+        else BidirectionalRunner(components, args, settings)
+
     fps = fps or preset.fps
     out_dir = Path(args.output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_seed = settings.seed or 0
     for index, job in enumerate(tqdm(jobs, desc="prompts")):
         images = [image_to_tensor(check_image_file(p)) for p in job.images]
-        job_settings = SampleSettings(**{**vars(settings), "seed": base_seed + index})
-        video = pipeline.generate(job.prompt, *images, settings=job_settings)
         stem = output_stem(index, job.prompt)
         tmp = out_dir / f".{stem}.tmp.mp4"
-        save_video(video, tmp, fps=fps)
+        with video_writer(tmp, fps) as writer:
+            used = runner.run(job, images, base_seed + index, writer)
         os.replace(tmp, out_dir / f"{stem}.mp4")
-        resolved = job_settings.resolved(preset)
         sidecar = {"prompt": job.prompt, "images": [str(p) for p in job.images], "task": preset.name,
-                   "checkpoint_dir": str(args.checkpoint_dir), "fps": fps, "frames": video.shape[1],
-                   "height": video.shape[2], "width": video.shape[3], **vars(resolved)}
-        (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False))
-        log.info("wrote %s", out_dir / f"{stem}.mp4")
+                   "checkpoint_dir": str(args.checkpoint_dir), "dit_checkpoint": dit_checkpoint,
+                   "loras": [f"{p}:{s}" for p, s in loras], "fps": fps, **used}
+        (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
+        log.info("wrote %s (%d frames)", out_dir / f"{stem}.mp4", used["frames"])
     return 0
 
 

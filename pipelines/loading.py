@@ -180,6 +180,34 @@ def check_folder(checkpoint_dir, task):
     return preset
 
 
+def trained_dit_weights(path, use_ema):
+    """(weights, nested key) of a trained DiT: a training export folder (`model[_ema].safetensors`), a
+    weight file, or a Self-Forcing/CausVid dict (`generator[_ema]`)."""
+    path = Path(path)
+    if path.is_dir():
+        return _require(path / ("model_ema.safetensors" if use_ema else "model.safetensors"),
+                        "EMA weights (drop --use_ema for the raw weights)" if use_ema else "trained weights"), None
+    _require(path, "DiT checkpoint")
+    if path.suffix in (".pt", ".pth", ".ckpt"):
+        keys = torch.load(str(path), map_location="meta", weights_only=True, mmap=True).keys()
+        if "generator" in keys or "generator_ema" in keys:
+            return path, "generator_ema" if use_ema else "generator"
+    return path, None
+
+
+def replace_dit_weights(components, path, use_ema=False, dtype=None):
+    """Loads fine-tuned or distilled DiT weights over the folder's own (same architecture)."""
+    if components.preset.is_moe:
+        raise ValueError("--dit_checkpoint takes one DiT; for A14B put the trained experts in the checkpoint "
+                         "folder's high_noise_model/ and low_noise_model/")
+    weights, nested_key = trained_dit_weights(path, use_ema)
+    old = components.dit
+    config = read_dit_config(weights.parent) or read_dit_config(_dit_folders(components.folder, False)[0])
+    components.dit = load_dit(weights, config=config, dtype=dtype or old.dtype, device=old.device,
+                              nested_key=nested_key).eval().requires_grad_(False)
+    return components
+
+
 def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False, offload_model=False):
     """Loads every module a task needs from a checkpoint folder.
 

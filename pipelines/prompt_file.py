@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .validation import InvalidInput, check_image_file
 
-IMAGE_FIELDS = {"t2v": (0,), "i2v": (1,), "flf2v": (2,), "ti2v": (0, 1)}
+IMAGE_FIELDS = {"t2v": (0,), "i2v": (1,), "flf2v": (2,), "ti2v": (0, 1), "causal": (0, 1)}
 
 
 @dataclass
@@ -21,7 +21,7 @@ class PromptJob:
 
 
 def read_prompt_file(path, task):
-    """Parses and checks a prompt file for `task` (t2v / i2v / flf2v / ti2v); every image must open."""
+    """Parses and checks a prompt file for `task` (a key of IMAGE_FIELDS); every image must open."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"prompt file not found: {path}")

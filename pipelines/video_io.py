@@ -27,11 +27,23 @@ def video_to_frames(video):
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def save_video(video, path, fps=16):
-    """Writes [3, F, H, W] in [-1, 1] as an H.264 mp4 with the ffmpeg that imageio-ffmpeg ships."""
+def video_writer(path, fps=16):
+    """An H.264 mp4 writer (the ffmpeg that imageio-ffmpeg ships); `append_data` one uint8 frame at a time."""
     import imageio
 
-    with imageio.get_writer(str(path), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            ffmpeg_log_level="error") as writer:
-        for frame in video_to_frames(video):
-            writer.append_data(frame)
+    return imageio.get_writer(str(path), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                              ffmpeg_log_level="error")
+
+
+def write_frames(writer, video):
+    """Appends [3, F, H, W] in [-1, 1] to an open `video_writer`; returns (F, H, W)."""
+    frames = video_to_frames(video)
+    for frame in frames:
+        writer.append_data(frame)
+    return frames.shape[:3]
+
+
+def save_video(video, path, fps=16):
+    """Writes [3, F, H, W] in [-1, 1] as an mp4."""
+    with video_writer(path, fps) as writer:
+        write_frames(writer, video)

@@ -18,6 +18,11 @@ def tiny_i2v(tmp_path_factory):
     return make_tiny_checkpoint("i2v", tmp_path_factory.mktemp("ckpt") / "i2v")
 
 
+def read_frames(path):
+    """The frames of an mp4 (`list(reader)` would ask its length, which imageio reports as inf)."""
+    return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
+
+
 def run_inference(*args):
     return subprocess.run([sys.executable, str(REPO / "inference.py"), *map(str, args)], capture_output=True,
                           text=True, cwd=REPO)
@@ -96,3 +101,73 @@ def test_inference_bad_input_fails_early_with_one_clear_line(tiny_i2v, tmp_path,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+CAUSAL_CONFIG = """
+denoising_step_list: [1000, 500]
+warp_denoising_step: true
+timestep_shift: 5.0
+context_noise: 0
+num_frame_per_block: 2
+independent_first_frame: {first}
+num_output_frames: {frames}
+model_kwargs: {{local_attn_size: -1, sink_size: 0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_t2v(tmp_path_factory):
+    return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
+
+
+def test_inference_causal_config_streams_any_number_of_frames(tiny_t2v, tmp_path):
+    import torch
+
+    from wan.modules.model import WanModel
+    from wan.model_loading import read_dit_config
+
+    config = tmp_path / "causal.yaml"
+    config.write_text(CAUSAL_CONFIG.format(first="true", frames=5) + f"generator_ckpt: {tmp_path / 'sf.pt'}\n"
+                      "use_ema: true\n")
+    dit = WanModel.from_config(read_dit_config(tiny_t2v))
+    torch.save({"generator": {f"model.{k}": torch.zeros_like(v) for k, v in dit.state_dict().items()},
+                "generator_ema": {f"model.{k}": v for k, v in dit.state_dict().items()}}, tmp_path / "sf.pt")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"A boat on a lake.\n{REPO / 'prompts/images/first_frame.png'}\tA boat, continued.\n")
+    result = run_inference("--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts,
+                           "--output_folder", tmp_path / "out", "--config_path", config)
+    assert result.returncode == 0, result.stderr
+    assert "DiT weights from" in result.stderr
+    for video in sorted((tmp_path / "out").glob("*.mp4")):
+        frames = read_frames(video)
+        # 5 latent frames in blocks [1, 2, 2] -> 1 + 8 + 8 pixel frames
+        assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["frames"] == 17 and sidecar["num_frame_per_block"] == 2
+
+
+def test_inference_lora_changes_the_video(tiny_t2v, tmp_path):
+    import torch
+
+    from wan.lora import inject_lora, save_lora
+    from wan.model_loading import read_dit_config
+    from wan.modules.model import WanModel
+
+    dit = WanModel.from_config(read_dit_config(tiny_t2v))
+    inject_lora(dit, ["blocks.*.self_attn.q", "blocks.*.ffn.0"], rank=2)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.5)
+    save_lora(dit, tmp_path / "lora.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car.\n")
+    outputs = []
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{tmp_path / 'lora.safetensors'}:0.7"])):
+        result = run_inference("--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts,
+                               "--output_folder", tmp_path / name, "--frame_num", 5, "--sample_steps", 2, *extra)
+        assert result.returncode == 0, result.stderr
+        outputs.append(read_frames(next((tmp_path / name).glob("*.mp4"))))
+    sidecar = json.loads(next((tmp_path / "lora").glob("*.json")).read_text())
+    assert sidecar["loras"] == [f"{tmp_path / 'lora.safetensors'}:0.7"]
+    assert any((a != b).any() for a, b in zip(*outputs))
