@@ -109,8 +109,9 @@ def dit_weights(folder):
 
 def _load_dit(folder, preset, dtype, device, offload):
     target = "cpu" if offload else device
-    models = [load_dit(dit_weights(f), config=read_dit_config(f) or dict(preset.dit), dtype=dtype, device=target)
-              .eval().requires_grad_(False) for f in _dit_folders(folder, preset.is_moe)]
+    models = [load_dit(dit_weights(f), config={"text_len": preset.text_len, **(read_dit_config(f) or preset.dit)},
+                       dtype=dtype, device=target).eval().requires_grad_(False)
+              for f in _dit_folders(folder, preset.is_moe)]
     if not preset.is_moe:
         return models[0]
     return WanMoE(models[0], models[1], boundary=preset.moe_boundary,

@@ -81,10 +81,11 @@ def config_from_diffusers(config):
         model_type = "ti2v"
     else:
         model_type = "t2v"
+    # diffusers has no text_len (its pipelines pad prompts to max_sequence_length, 512 by default):
+    # it comes from the pipeline preset, else WanModel's default.
     return dict(
         model_type=model_type,
         patch_size=tuple(config.get("patch_size", (1, 2, 2))),
-        text_len=config.get("text_len", 512),
         in_dim=in_dim,
         dim=num_heads * config["attention_head_dim"],
         ffn_dim=config["ffn_dim"],
