@@ -87,12 +87,17 @@ class SelfAttention(nn.Module):
         kv_cache: this layer's cache of earlier frames (`kv_cache.LayerKVCache`, causal generation);
         it stores this call's rotated keys and values and attends over what it holds."""
         q, k, v = self.qkv(x, rope)
+        return self.o(self.attend(q, k, v, attn_mask, kv_cache).flatten(2))
+
+    def attend(self, q, k, v, attn_mask=None, kv_cache=None):
+        """Rotated q, k, v [B, L, H, D] -> attention output [B, L, H, D]: the only step of a block that
+        mixes tokens, so a wrapper may replace it on an instance (see `wan.distributed`)."""
         if kv_cache is not None:
-            return self.o(kv_cache.attend(q, k, v).flatten(2))
+            return kv_cache.attend(q, k, v)
         if self.window_size != (-1, -1):
-            window = local_window_mask(x.shape[1], self.window_size, x.device)
+            window = local_window_mask(q.shape[1], self.window_size, q.device)
             attn_mask = window if attn_mask is None else attn_mask & window
-        return self.o(attention(q, k, v, attn_mask=attn_mask).flatten(2))
+        return attention(q, k, v, attn_mask=attn_mask)
 
 
 class CrossAttention(nn.Module):
