@@ -4,11 +4,14 @@
         --output_folder outputs/ [--config_path configs/x.yaml] [--size 832*480] [--frame_num 81] \
         [--sample_steps 50] [--seed 0] [--lora my_lora.safetensors:0.8] [--dit_checkpoint DIR --use_ema]
 
+    torchrun --nproc_per_node 8 inference.py ... --ulysses_size 8 [--dit_fsdp] [--t5_fsdp]
+
 Settings come from the task's preset, then the YAML config, then the command line. A config with
 `num_frame_per_block` (e.g. configs/self_forcing_dmd.yaml) runs the causal streaming pipeline:
 blocks are decoded and written to the mp4 as they finish, for any `--num_output_frames`.
 Every input is checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a
-JSON sidecar.
+JSON sidecar. Under torchrun every process checks the same inputs and generates the same video
+(sequence parallel and/or sharded, see pipelines/distributed.py); rank 0 writes the files.
 """
 
 import argparse
@@ -17,12 +20,16 @@ import logging
 import os
 import re
 import sys
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from pipelines.causal import causal_model_from_config, pipeline_from_config
+from pipelines.distributed import (ParallelOptions, check_parallel, close_parallel, init_parallel,
+                                   launched_processes, parallelize)
 from pipelines.loading import TASK_PRESETS, check_folder, load_components, replace_dit_weights, trained_dit_weights
 from pipelines.prompt_file import read_prompt_file
 from pipelines.validation import InvalidInput, check_image_file, check_positive, check_size
@@ -69,6 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--offload_model", action="store_true", help="keep the DiT on the CPU when idle")
     parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     parser.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (bounded memory)")
+    parser.add_argument("--ulysses_size", type=int, default=1,
+                        help="sequence parallel degree, the number of torchrun processes; must divide the heads")
+    parser.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the processes")
+    parser.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder's weights over the processes")
     return parser.parse_args(argv)
 
 
@@ -116,21 +127,23 @@ def output_stem(index, prompt):
 class BidirectionalRunner:
     """Whole-clip generation: T2V, I2V, FLF2V, TI2V, A14B."""
 
-    def __init__(self, components, args, settings):
+    def __init__(self, components, args, settings, progress=True):
         self.pipeline = WanVideoPipeline(components, args.device, offload_model=args.offload_model,
                                          vae_tiling=args.vae_tiling)
         self.settings = settings
+        self.progress = progress
 
     def run(self, job, images, seed, writer):
         settings = SampleSettings(**{**vars(self.settings), "seed": seed})
-        frames, height, width = write_frames(writer, self.pipeline.generate(job.prompt, *images, settings=settings))
+        video = self.pipeline.generate(job.prompt, *images, settings=settings, progress=self.progress)
+        frames, height, width = write_frames(writer, video)
         return {"frames": frames, "height": height, "width": width, **vars(settings.resolved(self.pipeline.preset))}
 
 
 class CausalRunner:
     """Block-by-block streaming generation with a causal (Self-Forcing / CausVid) model."""
 
-    def __init__(self, components, args, settings, config):
+    def __init__(self, components, args, settings, config, progress=True):
         self.components = components
         self.preset = components.preset
         self.config = config
@@ -141,6 +154,7 @@ class CausalRunner:
         self.negative_prompt = settings.negative_prompt or config.get("negative_prompt", self.preset.negative_prompt)
         self.device = torch.device(args.device)
         self.tiling = args.vae_tiling
+        self.progress = progress
 
     def run(self, job, images, seed, writer):
         vae, encoder = self.components.vae, self.components.text_encoder
@@ -158,17 +172,22 @@ class CausalRunner:
                                             prefix=prefix, generator=generator, tiled=self.tiling)
         blocks = len(self.causal.block_sizes(self.num_frames))
         frames = sum(write_frames(writer, pixels[0])[0] for pixels in tqdm(stream, total=blocks, desc="blocks",
-                                                                            leave=False))
+                                                                            leave=False, disable=not self.progress))
         settings = {k: self.config.get(k) for k in ("denoising_step_list", "num_frame_per_block",
                                                     "independent_first_frame", "context_noise", "model_kwargs")}
         return {**settings, "frames": frames, "height": height, "width": width, "size": self.size,
                 "num_output_frames": self.num_frames, "seed": seed, "negative_prompt": self.negative_prompt}
 
 
+def parallel_options(args):
+    return ParallelOptions(args.ulysses_size, args.dit_fsdp, args.t5_fsdp)
+
+
 def validate(args):
     """Everything that can be checked without loading weights. Returns (preset, config, settings, fps, jobs, loras)."""
     config = read_config(args.config_path)
     settings, fps = merged_settings(args, config)
+    check_parallel(parallel_options(args), launched_processes(), is_causal(config), args.offload_model, args.t5_cpu)
     preset = check_folder(args.checkpoint_dir, args.task)
     loras = [parse_lora(spec) for spec in args.lora]
     dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
@@ -184,15 +203,8 @@ def validate(args):
     return preset, config, settings, fps, jobs, loras
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        preset, config, settings, fps, jobs, loras = validate(args)
-    except (InvalidInput, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
+def load(args, preset, config, loras):
+    """The checkpoint folder's components, with trained DiT weights and LoRAs applied."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
     components = load_components(args.checkpoint_dir, args.task, dtype=dtype, device=args.device,
                                  t5_cpu=args.t5_cpu, offload_model=args.offload_model)
@@ -207,26 +219,69 @@ def main(argv=None):
             with torch.no_grad():
                 fuse_lora(expert, path, scale)
         log.info("fused LoRA %s (scale %s)", path, scale)
-    runner = CausalRunner(components, args, settings, config) if is_causal(config) \
-        else BidirectionalRunner(components, args, settings)
+    return components
 
+
+class DiscardWriter:
+    """The video writer of ranks other than 0: they make the same frames, rank 0 writes them."""
+
+    def append_data(self, frame):
+        pass
+
+
+def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, components):
+    runner = CausalRunner(components, args, settings, config, progress=is_main) if is_causal(config) \
+        else BidirectionalRunner(components, args, settings, progress=is_main)
     fps = fps or preset.fps
     out_dir = Path(args.output_folder)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     base_seed = settings.seed or 0
-    for index, job in enumerate(tqdm(jobs, desc="prompts")):
+    dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
+    parallel = {"processes": launched_processes(), **asdict(parallel_options(args))}
+    for index, job in enumerate(tqdm(jobs, desc="prompts", disable=not is_main)):
         images = [image_to_tensor(check_image_file(p)) for p in job.images]
         stem = output_stem(index, job.prompt)
         tmp = out_dir / f".{stem}.tmp.mp4"
-        with video_writer(tmp, fps) as writer:
+        with video_writer(tmp, fps) if is_main else nullcontext(DiscardWriter()) as writer:
             used = runner.run(job, images, base_seed + index, writer)
+        if not is_main:
+            continue
         os.replace(tmp, out_dir / f"{stem}.mp4")
         sidecar = {"prompt": job.prompt, "images": [str(p) for p in job.images], "task": preset.name,
                    "checkpoint_dir": str(args.checkpoint_dir), "dit_checkpoint": dit_checkpoint,
-                   "loras": [f"{p}:{s}" for p, s in loras], "fps": fps, **used}
+                   "loras": [f"{p}:{s}" for p, s in loras], "fps": fps, "parallel": parallel, **used}
         (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
         log.info("wrote %s (%d frames)", out_dir / f"{stem}.mp4", used["frames"])
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        preset, config, settings, fps, jobs, loras = validate(args)
+    except (InvalidInput, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    parallel = parallel_options(args)
+    env = init_parallel(parallel)
+    is_main = env is None or env.is_main
+    if env is not None:
+        args.device = str(env.device)
+        if not is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+    try:
+        components = load(args, preset, config, loras)
+        try:
+            parallelize(components, parallel)
+        except ValueError as err:  # e.g. heads not divisible by the Ulysses degree
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return generate_all(args, is_main, preset, config, settings, fps, jobs, loras, components)
+    finally:
+        close_parallel(env)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import REPO_ROOT, randomize, tiny_dit_config
+from pipelines.tiny_checkpoint import make_tiny_checkpoint
+from scripts.sp_memory_plan import main as memory_plan
 from test_causal import _generate_blocks, sharpen
+from test_inference import CAUSAL_CONFIG, read_frames
 from trainers.parallelize import apply_fsdp
 from wan.distributed import SequenceShard, apply_sequence_parallel
 from wan.modules.causal_model import CausalWanModel
@@ -157,6 +161,100 @@ def test_ulysses_shards_cover_the_sequence_once(length, degree):
     assert all(p.shape[1] == shards[0].local_length for p in parts)
     assert sum(s.num_real for s in shards) == length
     torch.testing.assert_close(torch.cat(parts, 1)[:, :length], x)
+
+
+@pytest.fixture(scope="module")
+def tiny_t2v(tmp_path_factory):
+    return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """The 1-process reference runs in this process with one thread, as each torchrun process does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def videos_of_one_and_two_processes(tmp_path, args, parallel):
+    """Runs inference.py in this process and on 2 (torchrun, with the `parallel` options); returns the
+    frames of each video (by name) of both, and the 2-process run's output folder."""
+    import inference
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert inference.main([*map(str, args), "--output_folder", str(one)]) == 0
+    result = launch(REPO_ROOT / "inference.py", [*args, "--output_folder", two, *parallel], nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = sorted(v.name for v in one.glob("*.mp4"))
+    assert names and sorted(v.name for v in two.glob("*.mp4")) == names
+    return {n: (np.stack(read_frames(one / n)), np.stack(read_frames(two / n))) for n in names}, two
+
+
+def assert_same_frames(videos):
+    for name, (one, two) in videos.items():
+        assert one.shape == two.shape, name
+        # identical on this machine; a rounding difference in some BLAS may move a pixel by a level
+        assert np.abs(one.astype(int) - two).max() <= 2, name
+
+
+def test_distributed_inference_ulysses_and_fsdp_write_the_one_process_video(tiny_t2v, tmp_path, single_thread):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car drives.\nA blue boat.\n")
+    args = ["--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts, "--frame_num", 5,
+            "--sample_steps", 2, "--seed", 3]
+    videos, out = videos_of_one_and_two_processes(tmp_path, args, ["--ulysses_size", 2, "--dit_fsdp", "--t5_fsdp"])
+    assert_same_frames(videos)
+    assert sorted(p.name for p in out.iterdir()) == ["000_A_red_car_drives.json", "000_A_red_car_drives.mp4",
+                                                     "001_A_blue_boat.json", "001_A_blue_boat.mp4"]
+    sidecar = json.loads((out / "001_A_blue_boat.json").read_text())
+    assert sidecar["parallel"] == {"processes": 2, "ulysses_size": 2, "dit_fsdp": True, "t5_fsdp": True}
+    assert sidecar["seed"] == 4
+
+
+def test_distributed_inference_ulysses_causal_streaming_with_kv_cache(tiny_t2v, tmp_path, single_thread):
+    config = tmp_path / "causal.yaml"
+    config.write_text(CAUSAL_CONFIG.format(first="true", frames=5).replace("local_attn_size: -1, sink_size: 0",
+                                                                           "local_attn_size: 4, sink_size: 1"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A boat on a lake.\n")
+    args = ["--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts, "--config_path", config]
+    videos, _ = videos_of_one_and_two_processes(tmp_path, args, ["--ulysses_size", 2])
+    assert_same_frames(videos)
+    assert len(next(iter(videos.values()))[0]) == 17
+
+
+BAD_PARALLEL = [
+    ("no_torchrun", ["--ulysses_size", "2"], "--ulysses_size 2 must equal the number of processes (1)"),
+    ("causal_fsdp", ["--dit_fsdp", "--config_path", "CAUSAL"], "--dit_fsdp does not run causal configs"),
+    ("t5_fsdp_on_cpu", ["--t5_fsdp", "--t5_cpu"], "cannot be combined with --t5_cpu"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [c[1:] for c in BAD_PARALLEL], ids=[c[0] for c in BAD_PARALLEL])
+def test_distributed_options_fail_early_with_one_clear_line(tiny_t2v, tmp_path, capsys, extra, message):
+    config = tmp_path / "causal.yaml"
+    config.write_text(CAUSAL_CONFIG.format(first="false", frames=4))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A bird.\n")
+    args = ["--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts, "--output_folder", tmp_path / "out",
+            *[config if a == "CAUSAL" else a for a in extra]]
+    import inference
+
+    assert inference.main([str(a) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequence_parallel_memory_plan_prints_a_table_per_degree(capsys):
+    memory_plan(["--preset", "t2v-14B", "--preset", "t2v-1.3B", "--size", "1280*720", "--frame_num", "81"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "t2v-14B: 1280*720, 81 frames -> 21 x 45 x 80 = 75,600 tokens" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[3:7]}
+    assert rows["1"][1] == "75,600" and rows["2"][1] == "37,800" and rows["8"][1] == "9,450"
+    assert rows["1"][5] == "0" and float(rows["8"][4]) < float(rows["1"][4]) / 4  # a2a, activations per rank
+    assert "not possible: 12 heads are not divisible by 8" in lines[-1]
 
 
 if __name__ == "__main__":
