@@ -9,6 +9,9 @@ generation needs no other coordination; only rank 0 should write files.
 - `dit_fsdp` / `t5_fsdp`: each rank keeps 1/N of the DiT's / umT5's weights (FSDP2, one unit per
   block); a block's weights are gathered for its forward and freed after it. The components are
   loaded whole on every rank first, then sharded.
+
+`trainers.parallelize` (the trainers' process group and FSDP hooks) is imported only when parallelism
+is asked for: it brings the training stack with it.
 """
 
 import os
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from trainers.parallelize import apply_fsdp, init_distributed
 from wan.distributed import apply_sequence_parallel
 
 from .validation import InvalidInput
@@ -61,7 +63,11 @@ def check_parallel(options, processes, causal=False, offload_model=False, t5_cpu
 def init_parallel(options):
     """Joins the torchrun process group (or makes a 1-process one) when `options` ask for parallelism;
     returns its `DistEnv` (rank, device: the process's GPU, or the CPU), or None."""
-    return init_distributed() if options.enabled else None
+    if not options.enabled:
+        return None
+    from trainers.parallelize import init_distributed
+
+    return init_distributed()
 
 
 def close_parallel(env):
@@ -72,6 +78,10 @@ def close_parallel(env):
 def parallelize(components, options):
     """Applies sequence parallelism and FSDP to loaded `WanComponents` in place (every WanModel of the
     DiT, both A14B experts included); returns them."""
+    if not options.enabled:
+        return components
+    from trainers.parallelize import apply_fsdp
+
     if options.ulysses_size > 1:
         apply_sequence_parallel(components.dit)
     if options.dit_fsdp:

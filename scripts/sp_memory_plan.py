@@ -78,7 +78,8 @@ def plan_row(model, per_token, preset, length, degree, batch, dtype_bytes):
     a2a_layer = 4 * unit * (degree - 1) / degree
     head_out = batch * local * math.prod(preset.patch_size) * model.out_dim * 4 * (degree - 1)
     a2a_step = layers * a2a_layer + head_out
-    flops = layers * batch * (2 * local * per_token + 4 * length * length * c / degree + 4 * local * preset.text_len * c)
+    per_layer = 2 * local * per_token + 4 * length * length * c / degree + 4 * local * preset.text_len * c
+    flops = layers * batch * per_layer
     return dict(degree=degree, tokens=local, weights=weights / GB, fsdp=weights / degree / GB,
                 activations=activations / GB, a2a_layer=a2a_layer / MB, a2a_step=a2a_step / GB,
                 tflop=flops / 1e12, intensity=flops / a2a_step if a2a_step else None)

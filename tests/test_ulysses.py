@@ -33,7 +33,7 @@ def sp_case(fn):
 
 
 def sp_error(model, run, fsdp=False):
-    """Max |run(sequence-parallel copy of model) - run(model)|, and the reference output."""
+    """Max |run(sequence-parallel copy of model) - run(model)| on this rank (`fsdp`: the copy also sharded)."""
     parallel = copy.deepcopy(model)
     if fsdp:
         apply_fsdp(parallel)
