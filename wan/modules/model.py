@@ -59,20 +59,27 @@ def local_window_mask(length, window_size, device):
     return mask
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim, num_heads, window_size=(-1, -1), qk_norm=True, eps=1e-6):
+class AttentionProjections(nn.Module):
+    """The q, k, v, o projections and the q/k RMSNorms that self- and cross-attention share."""
+
+    def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.window_size = tuple(window_size)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(AttentionProjections):
+    def __init__(self, dim, num_heads, window_size=(-1, -1), qk_norm=True, eps=1e-6):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.window_size = tuple(window_size)
 
     def qkv(self, x, rope):
         """x [B, L, C] -> rotated q, k and v, each [B, L, H, D]."""
@@ -100,20 +107,12 @@ class SelfAttention(nn.Module):
         return attention(q, k, v, attn_mask=attn_mask)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Attention from video tokens to the text context, plus (Wan2.1 i2v/flf2v) a separate
     attention to the CLIP image tokens whose result is added before the output projection."""
 
     def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6, image_branch=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         if image_branch:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
