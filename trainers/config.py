@@ -34,10 +34,13 @@ def read_config_file(path):
 def load_config(path=None, overrides=(), world_size=1):
     """The config of a run: defaults <- file at `path` <- `overrides` ("a.b=value"), validated."""
     cfg = OmegaConf.load(DEFAULT_CONFIG)
-    OmegaConf.set_struct(cfg, True)
-    for key in OPEN_MAPS:
-        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     layers = ([read_config_file(path)] if path else []) + [OmegaConf.from_dotlist(list(overrides))]
+    trainer = trainer_class(next((layer.trainer for layer in reversed(layers) if "trainer" in layer), cfg.trainer))
+    if getattr(trainer, "defaults", None):  # a trainer's own config sections
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(trainer.defaults))
+    OmegaConf.set_struct(cfg, True)
+    for key in OPEN_MAPS + getattr(trainer, "open_maps", ()):
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     try:
         cfg = OmegaConf.merge(cfg, *layers)
     except ConfigKeyError as e:
@@ -46,6 +49,13 @@ def load_config(path=None, overrides=(), world_size=1):
         raise ConfigError(f"bad config value: {e}") from None
     validate(cfg, world_size)
     return cfg
+
+
+def trainer_class(name):
+    """The registered trainer class of that name, or None."""
+    from . import TRAINERS
+
+    return TRAINERS.get(name)
 
 
 def dit_config(model_cfg):
@@ -66,15 +76,7 @@ def _problems(cfg, world_size):
 
     if cfg.trainer not in TRAINERS:
         yield f"unknown trainer '{cfg.trainer}'; registered trainers: {', '.join(sorted(TRAINERS))}"
-    if cfg.model.preset is None and cfg.model.checkpoint is None:
-        yield "set model.preset or model.checkpoint (a folder with config.json)"
-    if cfg.model.preset is not None:
-        try:
-            get_preset(cfg.model.preset)
-        except KeyError as e:
-            yield str(e.args[0])
-    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
-        yield f"model.checkpoint not found: {cfg.model.checkpoint}"
+    yield from model_problems(cfg.model, "model")
     for key in ("model.frozen_dtype", "train.mixed_precision", "encoders.dtype", "checkpoint.export_dtype"):
         if OmegaConf.select(cfg, key) not in DTYPES:
             yield f"{key} must be one of {sorted(DTYPES)}, got {OmegaConf.select(cfg, key)!r}"
@@ -103,6 +105,19 @@ def _problems(cfg, world_size):
         yield from _lora_problems(cfg)
     if cfg.trainer in TRAINERS:
         yield from TRAINERS[cfg.trainer].config_problems(cfg)
+
+
+def model_problems(section, key):
+    """Problems of a DiT config section (preset, config, checkpoint) found at `key`."""
+    if section.preset is None and section.checkpoint is None:
+        yield f"set {key}.preset or {key}.checkpoint (a folder with config.json)"
+    if section.preset is not None:
+        try:
+            get_preset(section.preset)
+        except KeyError as e:
+            yield str(e.args[0])
+    if section.checkpoint is not None and not Path(section.checkpoint).exists():
+        yield f"{key}.checkpoint not found: {section.checkpoint}"
 
 
 def _lora_problems(cfg):

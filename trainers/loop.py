@@ -5,14 +5,21 @@ on each of the N processes, accumulated over total / (batch_size * N) forwards. 
 g of step s is the same data and the same noise whatever N is (data order and the per-micro-batch
 generator are functions of (seed, g)), so runs on 1 and 2 processes, and a resumed run, follow the
 same loss curve.
+
+A trainer of several networks (distillation: generator and critic) makes `model` an nn.ModuleDict of
+them. Each is its own FSDP unit and its own AdamW parameter group (`trainer.optimizer_settings`), and
+optimizer steps take turns: step s trains the network `trainer.phase(s)` names, through
+`trainer.loss(batch, generator, phase)`, and no other; the EMA follows `trainer.ema_network`.
 """
 
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from omegaconf import OmegaConf
 
 from wan.lora import parameter_report
@@ -29,7 +36,8 @@ log = logging.getLogger("trainers")
 
 
 def build_optimizer(params, cfg):
-    """AdamW over `params` with linear warmup to `cfg.lr`."""
+    """AdamW over `params` (tensors, or parameter groups with their own lr, betas, ...) with linear
+    warmup to `cfg.lr` (to each group's lr)."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   eps=cfg.eps)
     warmup = cfg.warmup_steps
@@ -68,9 +76,14 @@ def run(cfg, logdir, resume, env):
     if cfg.train.shard_frozen:
         for module in trainer.frozen_modules():
             apply_fsdp(module)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, cfg.optimizer)
-    ema = EMA(model, cfg.train.ema_weight, cfg.train.ema_start_step) if cfg.train.ema_weight is not None else None
+    turns = isinstance(model, nn.ModuleDict)  # several networks, trained in turns
+    networks = dict(model.items()) if turns else {"model": model}
+    groups = [{"name": name, "params": [p for p in network.parameters() if p.requires_grad],
+               **(trainer.optimizer_settings(name) if turns else {})} for name, network in networks.items()]
+    optimizer, scheduler = build_optimizer(groups, cfg.optimizer)
+    ema_network = trainer.ema_network if turns else "model"
+    ema = EMA(networks[ema_network], cfg.train.ema_weight, cfg.train.ema_start_step) \
+        if cfg.train.ema_weight is not None else None
     checkpointer = Checkpointer(logdir / "checkpoints", env, trainer, optimizer, scheduler, ema,
                                 cfg.checkpoint.keep_last)
 
@@ -92,14 +105,25 @@ def run(cfg, logdir, resume, env):
     model.train()
     while step < cfg.train.max_steps:
         start = time.perf_counter()
+        phase = trainer.phase(step) if turns else None
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+        extras = defaultdict(float)  # the trainer's other metrics, averaged over this process's micro-batches
         for micro in range(accumulation):
             batch = next(loader)
             g = step * micro_batches + micro * env.world_size + env.rank
             generator = torch.Generator(env.device).manual_seed(micro_batch_seed(cfg.seed, g))
-            loss, metrics = trainer.loss(batch, generator)
+            loss, metrics = trainer.loss(batch, generator, phase) if phase else trainer.loss(batch, generator)
             (loss / accumulation).backward()
-            totals += torch.tensor([loss.item(), metrics["tokens"]], dtype=torch.float64)
+            totals += torch.tensor([loss.item(), metrics.pop("tokens")], dtype=torch.float64)
+            for key, value in metrics.items():
+                extras[key] += value / accumulation
+        params = []
+        for group in optimizer.param_groups:  # other networks' gradients (e.g. SiD's critic) are dropped
+            for p in group["params"]:
+                if phase in (None, group["name"]):
+                    params.append(p)
+                else:
+                    p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = scheduler.get_last_lr()[0]
@@ -107,14 +131,16 @@ def run(cfg, logdir, resume, env):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if ema is not None:
+        if ema is not None and phase in (None, ema_network):
             ema.update(step)
 
         dist.all_reduce(totals)
         elapsed = time.perf_counter() - start
         record = {"loss": totals[0].item() / micro_batches, "lr": lr, "grad_norm": grad_norm.item(),
                   "step_time": elapsed, "tokens_per_s": totals[1].item() / elapsed,
-                  "memory_gb": memory_gb(env.device)}
+                  "memory_gb": memory_gb(env.device), **extras}
+        if phase:
+            record[f"{phase}_loss"] = record["loss"]
         logger.log(step, record)
         history.append({"step": step, **record})
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:

@@ -61,16 +61,21 @@ def apply_activation_checkpointing(model):
 
 
 def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32):
-    """FSDP2: one unit per block of every ModuleList (the transformer blocks), then the root.
+    """FSDP2: one unit per block of every ModuleList (the transformer blocks), one per network of a
+    ModuleDict (a multi-network trainer calls each on its own), then the root (unless a ModuleDict:
+    it has neither weights of its own nor a forward).
 
     param_dtype: the dtype weights are gathered and computed in (None: their own, which must be uniform).
+    Inputs are not cast: the models cast them where they meet the weights, and timesteps keep fp32.
     """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for kind in (nn.ModuleList, nn.ModuleDict):  # inner units first
+        for module in list(model.modules()):
+            if isinstance(module, kind):
+                for unit in (module.values() if kind is nn.ModuleDict else module):
+                    fully_shard(unit, mp_policy=policy)
+    if not isinstance(model, nn.ModuleDict):
+        fully_shard(model, mp_policy=policy)
     return model
 
 

@@ -10,7 +10,8 @@ checkpoints. Any Wan checkpoint loads through `load_dit` (`load_causal_dit`). Tw
 
 - `forward`: a whole clip at once under the block-causal mask (training; the no-cache baseline);
 - `forward_block`: one block, attending to earlier blocks through a `KVCache` and to the prompt
-  through a `CrossAttentionCache` (inference, one block after another).
+  through a `CrossAttentionCache` (inference, one block after another). Training rollouts
+  (trainers/rollout.py) run it with autograd: see `kv_cache` for what the gradient reaches.
 
 Positions: the block's frames are rotated at their absolute frame index, with no limit on the length;
 how that behaves with a rolling window and sink is in `kv_cache`.
@@ -18,9 +19,10 @@ how that behaves with a rolling window and sink is in `kv_cache`.
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..model_loading import load_dit
-from .kv_cache import CrossAttentionCache, KVCache
+from .kv_cache import BlockAttention, CrossAttentionCache, KVCache
 from .rope import grid_positions, rope_cos_sin
 
 
@@ -87,26 +89,41 @@ class CausalWanModel(nn.Module):
                                   model.embed_context(context, clip_fea), mask)
         return model.project_out(tokens, e, grid)
 
-    def new_kv_cache(self):
-        """An empty self-attention cache for one generation stream (one per CFG branch)."""
-        return KVCache(len(self.model.blocks), self.local_attn_size, self.sink_size)
+    def new_kv_cache(self, num_frames=None):
+        """An empty self-attention cache for one generation stream (one per CFG branch); `num_frames`,
+        the video's length if known, sizes an unbounded cache at once."""
+        return KVCache(len(self.model.blocks), self.local_attn_size, self.sink_size, num_frames)
 
     def cross_cache(self, context, clip_fea=None):
         """The prompt's cross-attention keys and values for every layer (once per prompt)."""
         return CrossAttentionCache(self.model, context, clip_fea)
 
-    def forward_block(self, x, t, start, kv_cache, cross_cache):
+    def forward_block(self, x, t, start, kv_cache, cross_cache=None, context=None, clip_fea=None):
         """One block over the cache of earlier blocks.
         x: [B, C, F, H, W], the block's F latent frames, which start at frame `start` of the video.
         t: [B] or [B, F].  Writes the block's keys and values into `kv_cache` (see `kv_cache`).
+        cross_cache: the prompt's `cross_cache`; or else `context` (and `clip_fea`), embedded by this
+            call (training, where FSDP gathers the sharded weights only inside a module's forward).
+        With autograd recording, each layer attends through a `BlockAttention` and blocks marked for
+        activation checkpointing are recomputed in backward.
         Returns [B, out_dim, F, H, W] fp32."""
         model = self.model
         tokens, grid = model.embed_tokens(x)
         kv_cache.begin_block(start, grid[0], grid[1] * grid[2])
         e, e0 = self.embed_time(t, grid)
         rope = self.block_rope(grid, start, tokens.device)
-        for block, layer_cache, cross_kv in zip(model.blocks, kv_cache.layers, cross_cache.layers):
-            tokens = block(tokens, e0, rope, None, kv_cache=layer_cache, cross_kv=cross_kv)
+        if cross_cache is None:
+            context, cross_kvs = model.embed_context(context, clip_fea), [None] * len(model.blocks)
+        else:
+            context, cross_kvs = None, cross_cache.layers
+        grad = torch.is_grad_enabled()
+        for block, layer, cross_kv, ckpt in zip(model.blocks, kv_cache.layers, cross_kvs, model.gradient_checkpointing):
+            if grad:
+                layer = BlockAttention(layer)
+            if grad and ckpt:
+                tokens = checkpoint(block, tokens, e0, rope, context, None, layer, cross_kv, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, context, kv_cache=layer, cross_kv=cross_kv)
         return model.project_out(tokens, e, grid)
 
     def block_rope(self, grid, start, device):

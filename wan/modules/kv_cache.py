@@ -29,6 +29,14 @@ Quality: with a window every query-key distance stays below L, as in training, f
 an unbounded window distances grow with the video, as in the reference; they leave the training range
 after ~21 frames, so use a window for long videos. Without a sink, and with a sink until the window
 first slides, the result equals absolute positions, i.e. the block-causal full-clip forward.
+
+Training through the cache (Self-Forcing's rollouts). The buffers never carry autograd history: a
+block's keys and values are written detached. A forward that autograd records attends through a
+`BlockAttention` instead: over the earlier frames as they are at that moment (detached) plus the
+block's own live keys and values, so the gradient reaches the block's forward and nothing earlier.
+With an unbounded window the earlier frames are a view of the buffers (their slots are never written
+again); a rolling window may overwrite them, so they are copied. The same earlier frames serve the
+recomputation of activation checkpointing in backward, however far the cache has moved on by then.
 """
 
 from collections import deque
@@ -54,11 +62,13 @@ class KVCache:
     """Self-attention cache of one generation stream: the frame-slot bookkeeping shared by all layers,
     and one `LayerKVCache` per layer in `layers`."""
 
-    def __init__(self, num_layers, local_attn_size=-1, sink_size=0):
+    def __init__(self, num_layers, local_attn_size=-1, sink_size=0, num_frames=None):
+        """num_frames: frames to allocate for at once (an unbounded window otherwise grows by doubling)."""
         if local_attn_size != -1 and not 0 <= sink_size < local_attn_size:
             raise ValueError(f"sink_size {sink_size} must be in [0, local_attn_size {local_attn_size})")
         self.window = local_attn_size
         self.sink = sink_size
+        self.num_frames_hint = num_frames or 0
         self.layers = [LayerKVCache(self) for _ in range(num_layers)]
         self.reset()
 
@@ -77,7 +87,7 @@ class KVCache:
     @property
     def capacity(self):
         """Frame slots the buffers need now."""
-        return self.used if self.window == -1 else self.window
+        return max(self.used, self.num_frames_hint) if self.window == -1 else self.window
 
     def begin_block(self, start, num_frames, tokens_per_frame):
         """Prepares a forward of the block of `num_frames` frames from frame `start`: the current block
@@ -127,16 +137,38 @@ class LayerKVCache:
     def attend(self, q, k, v):
         """q, k, v [B, F * tokens_per_frame, H, D] of the current block (q and k rotated at their
         absolute frame positions) -> attention over the kept frames and the block, [B, F * tpf, H, D]."""
+        self.write(k, v)
+        used = self.stream.used
+        return attention(q, self.k[:, :used].flatten(1, 2), self.v[:, :used].flatten(1, 2))
+
+    def write(self, k, v):
+        """Stores the current block's keys and values [B, F * tokens_per_frame, H, D], detached."""
         stream = self.stream
-        self._reserve(k, stream.capacity)
-        if stream.sink and stream.evicted != self.sink_shift:
-            self._move_sink(stream.evicted)
-        k, v = (x.unflatten(1, (stream.num_frames, stream.tokens_per_frame)) for x in (k, v))
+        self._prepare(k)
+        k, v = (x.detach().unflatten(1, (stream.num_frames, stream.tokens_per_frame)) for x in (k, v))
         for slot, frame, n in stream.runs:
             self.k[:, slot:slot + n] = k[:, frame:frame + n]
             self.v[:, slot:slot + n] = v[:, frame:frame + n]
-        used = stream.used
-        return attention(q, self.k[:, :used].flatten(1, 2), self.v[:, :used].flatten(1, 2))
+
+    def earlier_frames(self, like):
+        """Keys and values [B, L, H, D] of the kept frames other than the current block's, detached: a
+        view where no later block can overwrite them (unbounded window), else a copy."""
+        stream = self.stream
+        self._prepare(like)
+        block = set(stream.slots)
+        slots = [s for s in range(stream.used) if s not in block]
+        if stream.window == -1 and slots == list(range(len(slots))):
+            k, v = self.k[:, :len(slots)], self.v[:, :len(slots)]
+        else:
+            index = torch.tensor(slots, dtype=torch.long, device=self.k.device)
+            k, v = self.k.index_select(1, index), self.v.index_select(1, index)
+        return k.flatten(1, 2), v.flatten(1, 2)
+
+    def _prepare(self, like):
+        """Buffers big enough for the block, sink keys moved to the window's current position."""
+        self._reserve(like, self.stream.capacity)
+        if self.stream.sink and self.stream.evicted != self.sink_shift:
+            self._move_sink(self.stream.evicted)
 
     def _reserve(self, like, frames):
         """Makes the buffers hold `frames` slots (doubling, for an unbounded window)."""
@@ -161,6 +193,24 @@ class LayerKVCache:
         cos, sin = (c.expand(keys.shape[1], -1, -1) for c in rope_cos_sin(offset, keys.shape[-1]))
         self.k[:, :sink] = apply_rope(keys, cos, sin).unflatten(1, self.sink_k.shape[1:3])
         self.sink_shift = shift
+
+
+class BlockAttention:
+    """One layer's attention in a block forward that autograd records (see the module docstring): the
+    block's live keys and values after the earlier frames as the first call finds them. The first call
+    also writes the block into the cache, detached; a second one (activation checkpointing recomputing
+    the forward in backward) attends to the same earlier frames and writes nothing."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.earlier = None
+
+    def attend(self, q, k, v):
+        if self.earlier is None:
+            self.earlier = self.layer.earlier_frames(k)
+            self.layer.write(k, v)
+        earlier_k, earlier_v = self.earlier
+        return attention(q, torch.cat([earlier_k, k], 1), torch.cat([earlier_v, v], 1))
 
 
 class CrossAttentionCache:
