@@ -24,12 +24,12 @@ from pipelines.tiny_checkpoint import TINY_T5, make_tiny_checkpoint
 from scripts.generate_ode_pairs import main as generate_ode_pairs_main
 from scripts.generate_ode_pairs import ode_trajectory
 from test_train import losses, run_train_cli
-from trainers.config import load_config
+from trainers.config import ConfigError, dit_config, load_config
 from trainers.data import LatentDataset
 from trainers.loop import train
 from trainers.distillation import DistillInputs, ScoreDistillation, ScoreTimesteps, dmd_loss, sid_loss
 from trainers.ode import ode_regression_loss
-from trainers.rollout import CausalGenerator, Rollout
+from trainers.rollout import CausalGenerator, Rollout, student_sampler
 from wan.checkpoint import read_state_dict
 from wan.model_loading import load_dit
 from wan.modules.model import WanModel
@@ -345,7 +345,10 @@ def test_ode_pairs_are_a_resumable_latents_dataset(distill_run):
     files[1].unlink()  # an interrupted run: only the missing file is made again, the same
     generate_ode_pairs_main(list(map(str, distill_run.args)))
     assert [f.stat().st_mtime_ns for f in files[:1] + files[2:]] == stamps[:1] + stamps[2:]
-    torch.testing.assert_close(sample_of(distill_run.pairs, 1), original)
+    again = sample_of(distill_run.pairs, 1)
+    assert again["text"] == original["text"]
+    for key in ("latents", "trajectory", "context"):
+        torch.testing.assert_close(again[key], original[key])
 
 
 def test_ode_init_trains_the_student(distill_run):
@@ -355,10 +358,16 @@ def test_ode_init_trains_the_student(distill_run):
     assert len(student.blocks) == 2 and student.dim == 32
 
 
+def run_paths(name, run):
+    """Overrides that complete a tiny config: its data and, for distillation, student and teacher."""
+    if name in ("tiny_t2v.yaml", "tiny_ode.yaml"):
+        return [f"data.path={run.pairs}"]
+    data = run.prompts if name in ("tiny_dmd.yaml", "tiny_sid.yaml") else run.pairs
+    return [f"data.path={data}", f"model.checkpoint={run.student}", *teacher_overrides(run.ckpt)]
+
+
 def distill_config(name, run, *overrides):
-    data = [f"data.path={run.prompts}"] if name in ("tiny_dmd.yaml", "tiny_sid.yaml") else [f"data.path={run.pairs}"]
-    return load_config(CONFIGS / "tests" / name, [*data, f"model.checkpoint={run.student}",
-                                                  *teacher_overrides(run.ckpt), *overrides])
+    return load_config(CONFIGS / "tests" / name, [*run_paths(name, run), *overrides])
 
 
 def test_dmd_trainer_takes_turns_and_exports(distill_run, tmp_path):
@@ -416,8 +425,7 @@ def test_distill_gan_trainer_runs(distill_run, tmp_path):
 def test_dmd_trainer_on_two_processes(distill_run, tmp_path):
     """torchrun (gloo): FSDP-sharded generator, critic, teacher and umT5; every rank runs the same
     forwards (the exit steps come from rank 0)."""
-    overrides = [f"data.path={distill_run.prompts}", f"model.checkpoint={distill_run.student}",
-                 *teacher_overrides(distill_run.ckpt), "train.max_steps=3", "checkpoint.every=3"]
+    overrides = [*run_paths("tiny_dmd.yaml", distill_run), "train.max_steps=3", "checkpoint.every=3"]
     proc = run_train_cli(["--config_path", CONFIGS / "tests" / "tiny_dmd.yaml", "--logdir", tmp_path, *overrides],
                          nproc=2)
     output = proc.communicate(timeout=300)[0]
@@ -440,3 +448,41 @@ def test_dmd_trainer_resumes_exactly(distill_run, tmp_path):
         a, b = (read_state_dict(tmp_path / run / "checkpoints" / "step_000004" / name)
                 for run in ("straight", "resumed"))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+@pytest.mark.parametrize("name", ["self_forcing_dmd_train.yaml", "self_forcing_sid_train.yaml", "ode_init.yaml"])
+def test_distill_shipped_configs_validate(name, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a sofa\n")
+    data = prompts if name.startswith("self_forcing") else tmp_path
+    cfg = load_config(CONFIGS / name, [f"data.path={data}", "encoders.t5_checkpoint=t5.pth",
+                                       "encoders.t5_tokenizer=umt5-xxl"], world_size=8)
+    assert cfg.model.preset == "t2v-1.3B" and cfg.causal.num_frame_per_block == 3
+    with torch.device("meta"):
+        student = CausalGenerator(WanModel.from_config(dit_config(cfg.model)), cfg.causal.num_frame_per_block)
+    assert student.block_sizes((cfg.data.num_frames - 1) // 4 + 1) == [3] * 7  # 81 frames: 21 latent frames
+    assert student_sampler(cfg).timesteps.tolist() == pytest.approx([1000, 937.5, 833.333, 625], abs=1e-3)
+    if cfg.trainer == "score_distillation":
+        assert (cfg.data.height // 8, cfg.data.width // 8) == (60, 104)
+        assert cfg.distill.real_score.preset == ("t2v-14B" if "dmd" in name else "t2v-1.3B")
+
+
+BAD_CONFIGS = [
+    ("tiny_dmd.yaml", ["distill.rollout=teacher_forcing"], "rollout teacher_forcing needs clean latents"),
+    ("tiny_dmd.yaml", ["distill.distribution_loss=kl"], "unknown distill.distribution_loss 'kl'"),
+    ("tiny_dmd.yaml", ["distill.rollout=self_forcingg"], "unknown distill.rollout 'self_forcingg'"),
+    ("tiny_dmd.yaml", ["distill.lr_critc=1"], "unknown config key"),
+    ("tiny_dmd.yaml", ["encoders.t5_checkpoint=null"], "set encoders.t5_checkpoint and t5_tokenizer"),
+    ("tiny_dmd.yaml", ["distill.denoising_step_list=[250,500]"], "distill.denoising_step_list: "),
+    ("tiny_gan.yaml", ["data.kind=prompts"], "gan with rollout self_forcing needs clean latents"),
+    ("tiny_ode.yaml", ["causal.enabled=false"], "the ode trainer trains the causal student"),
+    ("tiny_t2v.yaml", ["distill.rollout=self_forcing"], "unknown config key"),  # no distill section elsewhere
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", BAD_CONFIGS)
+def test_distill_bad_config_is_one_clear_error(distill_run, name, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        distill_config(name, distill_run, *overrides)
+    assert message in str(error.value)
+    assert str(error.value).count("\n  - ") <= 1  # exactly the one problem

@@ -44,6 +44,7 @@ from wan.model_loading import load_dit
 from wan.modules.model import WanModel
 from wan.modules.text_encoder import T5TextEncoder
 from wan.samplers import flow_to_x0, shift_sigma
+from wan.samplers.schedule import per_sample_view
 
 from . import register_trainer
 from .config import DTYPES, dit_config, model_problems
@@ -71,21 +72,6 @@ def join(a, b):
     return torch.cat([a, b]) if torch.is_tensor(a) else list(a) + list(b)
 
 
-def predict_x0(net, x_t, t, context, negative=None, guidance_scale=1.0):
-    """x0 prediction of a flow model at x_t, t [B]; classifier-free guided when given a negative context
-    and a scale other than 1 (both branches in one batch)."""
-    if negative is None or guidance_scale == 1:
-        flow = net(x_t, t, context)
-    else:
-        cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), join(context, negative)).chunk(2)
-        flow = uncond + guidance_scale * (cond - uncond)
-    return flow_to_x0(flow.float(), x_t, sigma_view(t, x_t))
-
-
-def sigma_view(t, x, num_train_timesteps=1000):
-    return (t / num_train_timesteps).reshape(-1, *[1] * (x.ndim - 1))
-
-
 def dmd_loss(x, real_x0, fake_x0):
     """DMD's generator loss and the mean |gradient| it applies to x (DMD eqs. 7-8)."""
     with torch.no_grad():
@@ -101,7 +87,8 @@ def sid_loss(x, real_x0, fake_x0, alpha):
 
 
 class ScoreTimesteps:
-    """Timesteps at which the scores judge a video: uniform, shifted, clamped to `timestep_range`."""
+    """Timesteps at which a video is judged: uniform, shifted, clamped to `timestep_range`; and the
+    flow-matching noising and x0 prediction there."""
 
     def __init__(self, shift=5.0, timestep_range=(20, 980), num_train_timesteps=1000):
         self.shift, self.range, self.num_train_timesteps = shift, tuple(timestep_range), num_train_timesteps
@@ -110,10 +97,13 @@ class ScoreTimesteps:
         u = torch.rand(batch_size, generator=generator, device=generator.device)
         return (shift_sigma(u, self.shift) * self.num_train_timesteps).clamp(*self.range)
 
+    def sigma(self, t, like):
+        return per_sample_view(t / self.num_train_timesteps, like)
+
     def add_noise(self, x, t, generator):
         """(x_t, noise) for clean x [B, ...] at timesteps t [B]."""
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        sigma = sigma_view(t, x, self.num_train_timesteps)
+        sigma = self.sigma(t, x)
         return (1 - sigma) * x + sigma * noise, noise
 
     def noised(self, x, generator):
@@ -122,35 +112,50 @@ class ScoreTimesteps:
         x_t, noise = self.add_noise(x, t, generator)
         return x_t, t, noise
 
+    def predict_x0(self, net, x_t, t, context, negative=None, guidance_scale=1.0):
+        """x0 prediction of a flow model; classifier-free guided when given a negative context and a
+        scale other than 1 (both branches in one batch)."""
+        if negative is None or guidance_scale == 1:
+            flow = net(x_t, t, context)
+        else:
+            cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), join(context, negative)).chunk(2)
+            flow = uncond + guidance_scale * (cond - uncond)
+        return flow_to_x0(flow.float(), x_t, self.sigma(t, x_t))
 
-def denoising_loss(net, x, inputs, timesteps, generator):
-    """Flow matching of `net` on clean x: the critic's loss (the fake score's on generator samples)."""
-    x_t, t, noise = timesteps.noised(x, generator)
-    return F.mse_loss(net(x_t, t, inputs.context).float(), noise - x)
+
+class Distillation:
+    """A method's shared parts: the generator's `Rollout` and the `ScoreTimesteps` its judges use.
+    Subclasses give generator_loss and critic_loss(generator_net, critic, inputs, generator) ->
+    (loss, metrics)."""
+
+    def __init__(self, rollout, timesteps=None):
+        self.rollout = rollout
+        self.timesteps = timesteps or ScoreTimesteps()
+
+    def generate(self, generator_net, inputs, generator):
+        return self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator).video
 
 
-class ScoreDistillation:
-    """DMD or SiD over a `Rollout` of the generator, judged by a frozen guided `real_score` against a
-    trained fake score (the critic)."""
+class ScoreDistillation(Distillation):
+    """DMD or SiD: the generator's rollouts judged by a frozen guided `real_score` against a fake
+    score (the critic), which learns the rollouts' distribution by flow matching."""
 
     def __init__(self, rollout, real_score, distribution_loss="dmd", guidance_scale=1.0, sid_alpha=1.0,
                  timesteps=None):
         if distribution_loss not in DISTRIBUTION_LOSSES:
             raise ValueError(f"unknown distribution_loss '{distribution_loss}'; expected one of {DISTRIBUTION_LOSSES}")
-        self.rollout, self.real_score = rollout, real_score
+        super().__init__(rollout, timesteps)
+        self.real_score = real_score
         self.distribution_loss, self.guidance_scale, self.sid_alpha = distribution_loss, guidance_scale, sid_alpha
-        self.timesteps = timesteps or ScoreTimesteps()
-
-    def generate(self, generator_net, inputs, generator):
-        return self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator).video
 
     def generator_loss(self, generator_net, critic, inputs, generator):
         x = self.generate(generator_net, inputs, generator)
         sid = self.distribution_loss == "sid"
         x_t, t, _ = self.timesteps.noised(x if sid else x.detach(), generator)
         with torch.set_grad_enabled(sid):
-            real = predict_x0(self.real_score, x_t, t, inputs.context, inputs.negative, self.guidance_scale)
-            fake = predict_x0(critic, x_t, t, inputs.context)
+            real = self.timesteps.predict_x0(self.real_score, x_t, t, inputs.context, inputs.negative,
+                                             self.guidance_scale)
+            fake = self.timesteps.predict_x0(critic, x_t, t, inputs.context)
         if sid:
             return sid_loss(x, real, fake, self.sid_alpha), {}
         loss, grad_norm = dmd_loss(x, real, fake)
@@ -159,7 +164,8 @@ class ScoreDistillation:
     def critic_loss(self, generator_net, critic, inputs, generator):
         with torch.no_grad():
             x = self.generate(generator_net, inputs, generator)
-        return denoising_loss(critic, x, inputs, self.timesteps, generator), {}
+        x_t, t, noise = self.timesteps.noised(x, generator)
+        return F.mse_loss(critic(x_t, t, inputs.context).float(), noise - x), {}
 
 
 class Discriminator(nn.Module):
@@ -184,23 +190,21 @@ class Discriminator(nn.Module):
         return self.head(pooled).float().mean(dim=(1, 2))
 
 
-class AdversarialDistillation:
-    """The generator's rollouts against the data's clean latents, judged by a `Discriminator` at a
-    noise level drawn as the scores' (Self-Forcing's GAN trainer)."""
+class AdversarialDistillation(Distillation):
+    """The generator's rollouts against the data's clean latents, told apart by a `Discriminator` at
+    noise levels drawn as the scores' (Self-Forcing's GAN trainer)."""
 
     def __init__(self, rollout, g_weight=1.0, d_weight=1.0, r1_weight=0.0, r1_sigma=0.01, timesteps=None):
-        self.rollout = rollout
+        super().__init__(rollout, timesteps)
         self.g_weight, self.d_weight, self.r1_weight, self.r1_sigma = g_weight, d_weight, r1_weight, r1_sigma
-        self.timesteps = timesteps or ScoreTimesteps()
 
     def generator_loss(self, generator_net, critic, inputs, generator):
-        x = self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator).video
-        x_t, t, _ = self.timesteps.noised(x, generator)
+        x_t, t, _ = self.timesteps.noised(self.generate(generator_net, inputs, generator), generator)
         return F.softplus(-critic(x_t, t, inputs.context)).mean() * self.g_weight, {}
 
     def critic_loss(self, generator_net, critic, inputs, generator):
         with torch.no_grad():
-            fake = self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator).video
+            fake = self.generate(generator_net, inputs, generator)
         fake_t, t, _ = self.timesteps.noised(fake, generator)
         real_t, _ = self.timesteps.add_noise(inputs.clean.float(), t, generator)
         logits = critic(torch.cat([fake_t, real_t]), torch.cat([t, t]), join(inputs.context, inputs.context))
@@ -214,17 +218,19 @@ class AdversarialDistillation:
         return loss, metrics
 
 
-def load_or_init(section, config):
-    """The fp32 WanModel of a config section (preset, config, checkpoint): the checkpoint's weights, or a
+def load_or_init(section, config, dtype=torch.float32, device="cpu"):
+    """The WanModel of a config section (preset, config, checkpoint): the checkpoint's weights, or a
     random init."""
-    return load_dit(section.checkpoint, config=config, dtype=torch.float32) if section.checkpoint \
-        else WanModel.from_config(config)
+    if section.checkpoint:
+        return load_dit(section.checkpoint, config=config, dtype=dtype, device=device)
+    return WanModel.from_config(config).to(device, dtype)
 
 
 class DistillationTrainer:
     """What the score-distillation and GAN trainers share: the generator and the critic as one
     nn.ModuleDict trained in turns, the text context (umT5 online for prompt files, or the cached one
-    of data.kind latents), the loss of each turn by a method object, and the exports."""
+    of data.kind latents), the loss of each turn by a `Distillation` method, and the exports.
+    Subclasses give build_critic(WanModel) -> the critic and build_method(rollout, timesteps)."""
 
     defaults = DISTILL_DEFAULTS
     open_maps = DISTILL_OPEN_MAPS
@@ -242,7 +248,7 @@ class DistillationTrainer:
         elif (d.rollout != "self_forcing" or cls.needs_real_videos) and cfg.data.kind != "latents":
             yield f"{cls.name} with rollout {d.rollout} needs clean latents of videos: set data.kind latents"
         if cls.needs_text_encoder(cfg) and None in (cfg.encoders.t5_checkpoint, cfg.encoders.t5_tokenizer):
-            yield f"{cls.name} encodes prompts (the data's or the negative one): set encoders.t5_checkpoint, t5_tokenizer"
+            yield f"{cls.name} encodes prompts (data, negative prompt): set encoders.t5_checkpoint and t5_tokenizer"
         if cfg.lora.enabled:
             yield f"{cls.name} trains the whole generator; lora.enabled is not supported"
         if d.dfake_gen_update_ratio < 1:
@@ -263,13 +269,17 @@ class DistillationTrainer:
                                         independent_first_frame=cfg.causal.independent_first_frame)
             critic = self.build_critic(WanModel.from_config(self.critic_dit))
         self.model = nn.ModuleDict({"generator": generator, "critic": critic})
-        self.text_encoder = None
+        self.text_encoder = self.negative = None
         if self.needs_text_encoder(cfg):
             enc = cfg.encoders
             self.text_encoder = T5TextEncoder.from_checkpoint(
                 enc.t5_checkpoint, enc.t5_tokenizer, self.dit.get("text_len", 512), DTYPES[enc.dtype], device,
                 cache_size=0, **OmegaConf.to_container(enc.t5_config))
-        self.method = self.build_method(rollout_from_config(cfg))
+        d = cfg.distill
+        if self.uses_teacher and d.guidance_scale != 1:  # the teacher's unconditional branch
+            self.negative = self.text_encoder.encode(d.negative_prompt or NEGATIVE_PROMPT, device)[0]
+        timesteps = ScoreTimesteps(d.timestep_shift, d.score_timestep_range, d.num_train_timestep)
+        self.method = self.build_method(rollout_from_config(cfg), timesteps)
 
     # -- the loop's interface ---------------------------------------------------------------------
 
@@ -316,17 +326,16 @@ class DistillationTrainer:
         else:
             context = self.text_encoder.encode(batch["text"], self.device)
         clean = batch["latents"].to(self.device, torch.float32) if "latents" in batch else None
-        shape = tuple(clean.shape) if clean is not None else (len(context), self.dit["in_dim"], *self.latent_grid())
-        return DistillInputs(context, self.negative_context(len(context)), shape, clean)
+        batch_size = len(context)
+        shape = tuple(clean.shape) if clean is not None else (batch_size, self.dit["in_dim"], *self.latent_grid())
+        negative = None if self.negative is None else [self.negative] * batch_size
+        return DistillInputs(context, negative, shape, clean)
 
     def latent_grid(self):
         """(frames, h, w) of the latents of `data.num_frames` frames at data.height x data.width."""
         data = self.cfg.data
         stride = get_preset(self.cfg.model.preset).vae_stride if self.cfg.model.preset else (4, 8, 8)
         return ((data.num_frames - 1) // stride[0] + 1, data.height // stride[1], data.width // stride[2])
-
-    def negative_context(self, batch_size):
-        return None
 
 
 @register_trainer("score_distillation")
@@ -343,33 +352,19 @@ class ScoreDistillationTrainer(DistillationTrainer):
     def build_critic(self, dit):
         return dit
 
-    def build_method(self, rollout):
+    def build_method(self, rollout, timesteps):
         d = self.cfg.distill
-        self.real_score = self.load_teacher()
+        if d.real_score.checkpoint is None:
+            log.warning("distill.real_score.checkpoint is null: the teacher has random weights")
+        self.real_score = load_or_init(d.real_score, dit_config(d.real_score), DTYPES[self.cfg.model.frozen_dtype],
+                                       self.device).eval().requires_grad_(False)
         if d.distribution_loss == "sid" and self.cfg.model.gradient_checkpointing:  # SiD backpropagates through it
             self.real_score.set_gradient_checkpointing(True)
-        self.negative = None
-        if d.guidance_scale != 1:
-            self.negative = self.text_encoder.encode(d.negative_prompt or NEGATIVE_PROMPT, self.device)[0]
-        timesteps = ScoreTimesteps(d.timestep_shift, d.score_timestep_range, d.num_train_timestep)
         return ScoreDistillation(rollout, self.real_score, d.distribution_loss, d.guidance_scale, d.sid_alpha,
                                  timesteps)
 
-    def load_teacher(self):
-        section, dtype = self.cfg.distill.real_score, DTYPES[self.cfg.model.frozen_dtype]
-        config = dit_config(section)
-        if section.checkpoint:
-            teacher = load_dit(section.checkpoint, config=config, dtype=dtype, device=self.device)
-        else:
-            log.warning("distill.real_score.checkpoint is null: the teacher has random weights")
-            teacher = WanModel.from_config(config).to(self.device, dtype)
-        return teacher.eval().requires_grad_(False)
-
     def frozen_modules(self):
         return [self.real_score] + super().frozen_modules()
-
-    def negative_context(self, batch_size):
-        return None if self.negative is None else [self.negative] * batch_size
 
 
 @register_trainer("gan")
@@ -379,7 +374,6 @@ class GANTrainer(DistillationTrainer):
     def build_critic(self, dit):
         return Discriminator(dit, self.cfg.distill.gan.num_queries)
 
-    def build_method(self, rollout):
-        d = self.cfg.distill
-        return AdversarialDistillation(rollout, d.gan.g_weight, d.gan.d_weight, d.gan.r1_weight, d.gan.r1_sigma,
-                                       ScoreTimesteps(d.timestep_shift, d.score_timestep_range, d.num_train_timestep))
+    def build_method(self, rollout, timesteps):
+        gan = self.cfg.distill.gan
+        return AdversarialDistillation(rollout, gan.g_weight, gan.d_weight, gan.r1_weight, gan.r1_sigma, timesteps)

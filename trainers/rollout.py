@@ -11,15 +11,18 @@
   independent step of the list per block, one block-causal forward; its context is the noisy earlier
   blocks, or with teacher forcing the clean ones.
 
-Memory of the self-forcing backward (the KV-cache spike, bounded): autograd holds, per block, one
-forward (its exit step) and, for attention, the keys/values of the frames before it. With an
-unbounded window these are views of the single cache (nothing is copied per block); with activation
-checkpointing (`model.gradient_checkpointing`) a block's saved state is each layer's input residual
-stream, [B, tokens of the block, dim] fp32. Wan2.1-1.3B at 480x832 (1560 tokens per frame, 30 layers,
-dim 1536), 21 frames in blocks of 3, bf16: the cache is 21 x 288 MB = 6.0 GB, the checkpointed inputs
-7 blocks x 30 layers x 28.8 MB = 6.0 GB, plus one block's recomputed activations at a time during
-backward. Without the detached cache every block's graph would reach back through every earlier
-forward (all denoising steps of all blocks), growing quadratically with the number of blocks.
+Memory of the self-forcing backward (the KV-cache spike, bounded). Autograd keeps each block's
+exit-step forward and nothing else. Its attention reads the earlier frames from the cache: with an
+unbounded window through views of the one cache (which then lives until backward; nothing is copied
+per block), with a rolling window through a copy per block and layer. With activation checkpointing
+(`model.gradient_checkpointing`) a block keeps only each layer's input, [B, block tokens, dim] fp32,
+and backward recomputes one layer at a time; without it every layer also keeps its activations and
+its attention inputs (the earlier frames' keys and values again, per block: quadratic in the number
+of blocks). Peak for Wan2.1-1.3B (30 layers, dim 1536) at 480x832 (1560 tokens a frame), 21 frames
+in blocks of 3, bf16, checkpointing, batch 1: cache 21 x 288 MB = 6.0 GB, layer inputs 7 blocks x
+30 x 28.8 MB = 6.0 GB, plus one layer's activations during backward, beside the sharded weights and
+optimizer states. A cache that kept autograd history instead would chain every block's graph to all
+forwards before it, every denoising step of every earlier block included.
 """
 
 from dataclasses import dataclass
