@@ -264,6 +264,10 @@ class CausalVideoVAE(nn.Module):
     def dtype(self):
         return self.conv2.weight.dtype
 
+    @property
+    def device(self):
+        return self.conv2.weight.device
+
     def _stats(self, like):
         shape = (1, self.z_dim, 1, 1, 1)
         return (self.latents_mean.to(like.device).view(shape), self.latents_std.to(like.device).view(shape))
@@ -309,12 +313,13 @@ class CausalVideoVAE(nn.Module):
         return tiled_apply(lambda x, key: self._encode(x), video, tile, overlap, self.spatial_stride, 1)
 
     def _encode(self, video):
-        x = patchify(video.to(self.dtype), self.patch_size)
+        x = patchify(video.to(self.device, self.dtype), self.patch_size)
         first, rest = x[:, :, :1], x[:, :, 1:]
         cache, mu = {}, []
         # Only the mean half of conv1 (a 1x1x1 conv) is needed: skip computing the log-variance.
         weight, bias = self.conv1.weight[:self.z_dim], self.conv1.bias[:self.z_dim]
-        for chunk in (first, *rest.split(self.temporal_stride, dim=2)):
+        # `split` of zero frames would still yield one empty chunk: a one-frame video is `first` alone.
+        for chunk in (first, *(rest.split(self.temporal_stride, dim=2) if rest.shape[2] else ())):
             mu.append(conv3d(self.encoder(chunk, cache), weight, bias).float())
         mean, std = self._stats(x)
         return (torch.cat(mu, dim=2) - mean) / std
@@ -325,25 +330,29 @@ class CausalVideoVAE(nn.Module):
                clamp=True):
         """Normalized latents [B, z_dim, T, h, w] -> video [B, 3, 4(T-1)+1, h*s, w*s] (float32),
         clamped to [-1, 1] unless `clamp=False`. `tiled`: as in `encode` (sizes in pixels)."""
-        video = self.decode_frames(latents, {}, tiled, tile_size, tile_overlap)
+        video = self.decode_frames(latents, None, tiled, tile_size, tile_overlap)
         return video.clamp_(-1, 1) if clamp else video
 
     def decode_frames(self, latents, cache, tiled=False, tile_size=DEFAULT_TILE_SIZE,
                       tile_overlap=DEFAULT_TILE_OVERLAP):
         """Decodes latent frames that continue the video whose decoder state is in `cache` (an empty
-        dict starts a video: its first latent frame gives one pixel frame, every other one gives 4).
-        Unclamped float32 pixels. With `tiled`, the cache holds one sub-cache per tile."""
+        dict starts a video: its first latent frame gives one pixel frame, every other one gives 4);
+        `cache=None` decodes a whole video and keeps no state. Unclamped float32 pixels. With
+        `tiled`, the cache holds one sub-cache per tile: streaming keeps them all, a whole-video
+        decode drops each when its tile is done."""
         self.check_latents(latents)
         if not tiled:
-            return self._decode_frames(latents, cache)
+            return self._decode_frames(latents, {} if cache is None else cache)
         tile, overlap = check_tiles(tile_size, tile_overlap, self.spatial_stride)
-        return tiled_apply(lambda z, key: self._decode_frames(z, cache.setdefault(key, {})),
+        tile_cache = (lambda key: {}) if cache is None else (lambda key: cache.setdefault(key, {}))
+        return tiled_apply(lambda z, key: self._decode_frames(z, tile_cache(key)),
                            latents, tile, overlap, 1, self.spatial_stride)
 
     def _decode_frames(self, latents, cache):
         b, _, t, h, w = latents.shape
+        latents = latents.to(self.device, torch.float32)
         mean, std = self._stats(latents)
-        z = (latents.float() * std + mean).to(self.dtype)
+        z = (latents * std + mean).to(self.dtype)
         ts, s = self.temporal_stride, self.spatial_stride
         starts = not cache
         # Filled frame by frame: collecting the frames and concatenating would hold the video twice.
