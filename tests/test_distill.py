@@ -377,6 +377,7 @@ def test_dmd_trainer_takes_turns_and_exports(distill_run, dmd_run):
     assert [("generator_loss" in r, "critic_loss" in r) for r in dmd_run.history] == [
         (True, False), (False, True), (False, True)] * 2
     assert all(np.isfinite(r["loss"]) and r["dmd_grad"] > 0 for r in dmd_run.history if "generator_loss" in r)
+    assert [r["lr"] for r in dmd_run.history] == [1e-4, 1e-3, 1e-3] * 2  # optimizer.lr, distill.lr_critic
     generator = load_dit(dmd_run.final / "model.safetensors")
     initial = load_dit(distill_run.student)
     assert any(not torch.equal(a, b) for a, b in zip(generator.parameters(), initial.parameters()))

@@ -133,7 +133,7 @@ class Distillation:
         self.timesteps = timesteps or ScoreTimesteps()
 
     def generate(self, generator_net, inputs, generator):
-        return self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator).video
+        return self.rollout(generator_net, inputs.context, inputs.shape, inputs.clean, generator=generator).video
 
 
 class ScoreDistillation(Distillation):

@@ -126,7 +126,7 @@ def run(cfg, logdir, resume, env):
                     p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[list(networks).index(phase) if phase else 0]  # the trained network's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

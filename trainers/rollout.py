@@ -109,15 +109,11 @@ class Rollout:
         self.last_step_only = last_step_only
         self.context_noise = context_noise
 
-    @property
-    def needs_clean(self):
-        """Whether the rollout starts from clean latents of the data (the forcing baselines)."""
-        return self.kind != "self_forcing"
-
-    def __call__(self, model, context, shape=None, clean=None, generator=None):
-        """model: a `CausalGenerator` (possibly FSDP-sharded). context: list of [L_i, text_dim].
-        shape: [B, C, F, h, w] of the video (self_forcing); clean: its clean latents (the others).
-        generator: the randomness (noise on its device, exit steps from rank 0's)."""
+    def __call__(self, model, context, shape=None, clean=None, *, generator):
+        """model: a `CausalGenerator` (possibly FSDP-sharded). context: the text context, a list of
+        [L_i, text_dim] or a tensor [B, L, text_dim]. shape: [B, C, F, h, w] of the video
+        (self_forcing); clean: clean latents of that shape (the forcing baselines).
+        generator: the randomness (noise on its device; the exit steps are rank 0's)."""
         if self.kind == "self_forcing":
             return self.self_forcing(model, context, shape, generator)
         return self.forcing(model, context, clean, generator)
