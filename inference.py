@@ -9,7 +9,8 @@
 Settings come from the task's preset, then the YAML config, then the command line. A config with
 `num_frame_per_block` (e.g. configs/self_forcing_dmd.yaml) runs the causal streaming pipeline:
 blocks are decoded and written to the mp4 as they finish, for any `--num_output_frames`.
-Every input is checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a
+Extension tasks (`pipelines/extensions/`: multi-reference, pose, audio, Fun/VACE/Animate) take
+their own prompt-file fields, listed by `--help`. Every input is checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a
 JSON sidecar. Under torchrun every process checks the same inputs and generates the same video
 (sequence parallel and/or sharded, see pipelines/distributed.py); rank 0 writes the files.
 """
@@ -28,10 +29,11 @@ import torch
 from tqdm import tqdm
 
 from pipelines.causal import causal_model_from_config, pipeline_from_config
+from pipelines.extensions import ExtensionTask, extension_tasks
 from pipelines.distributed import (ParallelOptions, check_parallel, close_parallel, init_parallel,
                                    launched_processes, parallelize)
 from pipelines.loading import TASK_PRESETS, check_folder, load_components, replace_dit_weights, trained_dit_weights
-from pipelines.prompt_file import read_prompt_file
+from pipelines.prompt_file import read_extension_prompt_file, read_prompt_file
 from pipelines.validation import InvalidInput, check_image_file, check_positive, check_size
 from pipelines.video_io import image_to_tensor, resize_cover, video_writer, write_frames
 from pipelines.wan_video import SampleSettings, WanVideoPipeline
@@ -49,9 +51,17 @@ CAUSAL_KEYS = ("model_name", "generator_ckpt", "use_ema", "denoising_step_list",
                "guidance_scale", "sample_solver", "sample_steps", "negative_prompt", "seed", "size")
 
 
+def task_help(extensions):
+    lines = [f"  {t.name}: {t.description}; lines '{'<TAB>'.join(t.fields + ('prompt',))}'"
+             + (f" ({', '.join(t.optional)} may be empty)" if t.optional else "") for t in extensions.values()]
+    return "extension tasks:\n" + "\n".join(lines) if lines else ""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=sorted(TASK_PRESETS))
+    extensions = extension_tasks()
+    parser = argparse.ArgumentParser(description=__doc__, epilog=task_help(extensions),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=sorted(TASK_PRESETS) + sorted(extensions))
     parser.add_argument("--checkpoint_dir", required=True)
     parser.add_argument("--data_path", required=True, help="prompt file (see pipelines/prompt_file.py)")
     parser.add_argument("--output_folder", required=True)
@@ -140,6 +150,17 @@ class BidirectionalRunner:
         return {"frames": frames, "height": height, "width": width, **vars(settings.resolved(self.pipeline.preset))}
 
 
+class ExtensionRunner:
+    """An extension task's pipeline (see `pipelines.extensions.ExtensionTask.load`)."""
+
+    def __init__(self, pipeline, settings):
+        self.pipeline = pipeline
+        self.settings = settings
+
+    def run(self, job, images, seed, writer):
+        return self.pipeline.run(job, SampleSettings(**{**vars(self.settings), "seed": seed}), seed, writer)
+
+
 class CausalRunner:
     """Block-by-block streaming generation with a causal (Self-Forcing / CausVid) model."""
 
@@ -184,9 +205,23 @@ def parallel_options(args):
 
 
 def validate(args):
-    """Everything that can be checked without loading weights. Returns (preset, config, settings, fps, jobs, loras)."""
+    """Everything that can be checked without loading weights. Returns (preset, config, settings, fps, jobs,
+    loras); the preset of an extension task is its `ExtensionTask`."""
     config = read_config(args.config_path)
+    extension = extension_tasks().get(args.task)
+    # An extension task's own options (those in its `defaults`) pass through to its pipeline.
+    options = {k: config.pop(k) for k in list(config) if extension is not None and k in extension.defaults
+               and k not in SETTING_KEYS + ("fps",)}
     settings, fps = merged_settings(args, config)
+    config.update(options)
+    if extension is not None:
+        if args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp or launched_processes() > 1:
+            raise InvalidInput(f"task {args.task} runs in one process; drop torchrun and the parallel options")
+        if not Path(args.checkpoint_dir).is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {args.checkpoint_dir}")
+        extension.check_folder(Path(args.checkpoint_dir))
+        loras = [parse_lora(spec) for spec in args.lora]
+        return extension, config, settings, fps, read_extension_prompt_file(args.data_path, extension), loras
     check_parallel(parallel_options(args), launched_processes(), is_causal(config), args.offload_model, args.t5_cpu)
     preset = check_folder(args.checkpoint_dir, args.task)
     loras = [parse_lora(spec) for spec in args.lora]
@@ -203,9 +238,22 @@ def validate(args):
     return preset, config, settings, fps, jobs, loras
 
 
+def fuse_loras(modules, loras):
+    for path, scale in loras:
+        for module in modules:
+            with torch.no_grad():
+                fuse_lora(module, path, scale)
+        log.info("fused LoRA %s (scale %s)", path, scale)
+
+
 def load(args, preset, config, loras):
-    """The checkpoint folder's components, with trained DiT weights and LoRAs applied."""
+    """The checkpoint folder's components (an extension task: its pipeline), with trained DiT weights
+    and LoRAs applied."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if isinstance(preset, ExtensionTask):
+        pipeline = preset.load(Path(args.checkpoint_dir), args, config)
+        fuse_loras(pipeline.dits, loras)
+        return pipeline
     components = load_components(args.checkpoint_dir, args.task, dtype=dtype, device=args.device,
                                  t5_cpu=args.t5_cpu, offload_model=args.offload_model)
     dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
@@ -214,11 +262,7 @@ def load(args, preset, config, loras):
         log.info("DiT weights from %s", dit_checkpoint)
     experts = [components.dit.high_noise_model, components.dit.low_noise_model] if preset.is_moe \
         else [components.dit]
-    for path, scale in loras:
-        for expert in experts:
-            with torch.no_grad():
-                fuse_lora(expert, path, scale)
-        log.info("fused LoRA %s (scale %s)", path, scale)
+    fuse_loras(experts, loras)
     return components
 
 
@@ -230,8 +274,12 @@ class DiscardWriter:
 
 
 def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, components):
-    runner = CausalRunner(components, args, settings, config, progress=is_main) if is_causal(config) \
-        else BidirectionalRunner(components, args, settings, progress=is_main)
+    if isinstance(preset, ExtensionTask):
+        runner = ExtensionRunner(components, settings)
+    elif is_causal(config):
+        runner = CausalRunner(components, args, settings, config, progress=is_main)
+    else:
+        runner = BidirectionalRunner(components, args, settings, progress=is_main)
     fps = fps or preset.fps
     out_dir = Path(args.output_folder)
     if is_main:
@@ -249,6 +297,7 @@ def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, comp
             continue
         os.replace(tmp, out_dir / f"{stem}.mp4")
         sidecar = {"prompt": job.prompt, "images": [str(p) for p in job.images], "task": preset.name,
+                   **({"inputs": {k: v and str(v) for k, v in job.inputs.items()}} if job.inputs else {}),
                    "checkpoint_dir": str(args.checkpoint_dir), "dit_checkpoint": dit_checkpoint,
                    "loras": [f"{p}:{s}" for p, s in loras], "fps": fps, "parallel": parallel, **used}
         (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
@@ -275,7 +324,8 @@ def main(argv=None):
     try:
         components = load(args, preset, config, loras)
         try:
-            parallelize(components, parallel)
+            if not isinstance(preset, ExtensionTask):
+                parallelize(components, parallel)
         except ValueError as err:  # e.g. heads not divisible by the Ulysses degree
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from wan.checkpoint import CheckpointError, read_checkpoint_keys
+from wan.checkpoint import CheckpointError, load_torch_file, read_checkpoint_keys
 from wan.configs import get_preset
 from wan.convert.encoders_hf import clip_config_from_hf, t5_config_from_hf
 from wan.convert_vae import config_from_diffusers as vae_config_from_diffusers
@@ -190,7 +190,7 @@ def trained_dit_weights(path, use_ema):
                         "EMA weights (drop --use_ema for the raw weights)" if use_ema else "trained weights"), None
     _require(path, "DiT checkpoint")
     if path.suffix in (".pt", ".pth", ".ckpt"):
-        keys = torch.load(str(path), map_location="meta", weights_only=True, mmap=True).keys()
+        keys = load_torch_file(path, "meta").keys()
         if "generator" in keys or "generator_ema" in keys:
             return path, "generator_ema" if use_ema else "generator"
     return path, None

@@ -50,3 +50,11 @@ def check_image_file(path):
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise InvalidInput(f"cannot read image {path}: {err}") from None
+
+
+def check_input_file(path, kind="file"):
+    """A non-image input (video, audio, pose folder, camera file) must exist before anything loads."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInput(f"{kind} not found: {path}")
+    return path

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.extensions import extension_tasks  # noqa: E402
 from pipelines.loading import TASK_PRESETS  # noqa: E402
 from pipelines.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from pipelines.folder_convert import official_to_diffusers  # noqa: E402
@@ -18,12 +19,17 @@ from pipelines.folder_convert import official_to_diffusers  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=sorted(TASK_PRESETS))
+    extensions = {name: task for name, task in extension_tasks().items() if task.make_tiny}
+    parser.add_argument("--task", required=True, choices=sorted(TASK_PRESETS) + sorted(extensions))
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--format", default="official", choices=["official", "diffusers"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.format == "official":
+    if args.task in extensions:
+        if args.format != "official":
+            parser.error(f"--task {args.task} writes its own layout; drop --format")
+        extensions[args.task].make_tiny(Path(args.output_dir), args.seed)
+    elif args.format == "official":
         make_tiny_checkpoint(args.task, args.output_dir, args.seed)
     else:
         with tempfile.TemporaryDirectory() as tmp:

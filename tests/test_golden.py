@@ -3,10 +3,10 @@ the folders of `WAN_GOLDEN_DIR` (colon-separated), dispatched on the case's `kin
 
 import pytest
 
-from golden_kinds import GOLDEN_DIRS, case_files, load_case, load_runners
+from golden_kinds import GOLDEN_DIRS, golden_cases, load_case, load_runners
 
 RUNNERS = load_runners()
-CASES = case_files(GOLDEN_DIRS, "WAN_GOLDEN_DIR")
+CASES = golden_cases()
 
 
 def test_reference_cases_present():

@@ -50,16 +50,18 @@ def test_sharded_safetensors_and_pth_load_identically(tmp_path):
     (sharded / "config.json").write_text(json.dumps(config))
     assert len(list(sharded.glob("*.safetensors"))) > 1
     torch.save(state, tmp_path / "model.pth")
+    # The pre-1.6 format some released .pth files use cannot be memory-mapped.
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
 
-    from_shards = load_dit(sharded)
-    from_pth = load_dit(tmp_path / "model.pth", config=config)
+    loaded_models = [load_dit(sharded), load_dit(tmp_path / "model.pth", config=config),
+                     load_dit(tmp_path / "legacy.pth", config=config)]
     x, t, context, kwargs = _inputs(config)
     # Same weights bit for bit; outputs agree to BLAS rounding (kernels depend on memory alignment).
-    for loaded in (from_shards, from_pth):
+    for loaded in loaded_models:
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), state.values()))
     with torch.no_grad():
         expected = model(x, t, context, **kwargs)
-        for loaded in (from_shards, from_pth):
+        for loaded in loaded_models:
             torch.testing.assert_close(loaded(x, t, context, **kwargs), expected, atol=1e-6, rtol=0)
 
 

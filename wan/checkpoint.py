@@ -7,6 +7,7 @@ weights of a 14B model are never held twice in memory.
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,7 +29,13 @@ def _read_single(path, device="cpu"):
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path), device=str(device))
-    return torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+    return load_torch_file(path, device)
+
+
+def load_torch_file(path, device="cpu"):
+    """A `torch.save` file, memory-mapped when it is in the zip format."""
+    # Files written by torch < 1.6 (`_use_new_zipfile_serialization=False`) cannot be memory-mapped.
+    return torch.load(str(path), map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def _index_files(index_path):

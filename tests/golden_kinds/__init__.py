@@ -1,7 +1,9 @@
 """Golden reference cases: loading, discovery, and the registry of runners per `kind`.
 
 Each module of this package adds runners to `RUNNERS` with the `runner(kind)` decorator. A runner
-takes a `Case` and asserts that our implementation reproduces the reference outputs.
+takes a `Case` and asserts that our implementation reproduces the reference outputs. The core
+folder's cases all run; an extension module claims its cases in a shared extension folder with
+`golden_dir(folder, *kinds)`. Every case of the `WAN_GOLDEN_DIR` folders runs (an unknown kind fails).
 """
 
 import json
@@ -14,8 +16,9 @@ from safetensors import safe_open
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(os.environ.get("WAN_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
-# Folders of the core cases; the extension folders join as their runners land.
+EXT_DIR = REFERENCE_DIR / "ext"
 GOLDEN_DIRS = [REFERENCE_DIR / "golden"]
+EXT_GOLDEN_KINDS = {}  # extension folder -> the kinds its registered runners take there
 
 RUNNERS = {}
 
@@ -56,6 +59,24 @@ def case_files(default_dirs, env_variable):
     files = []
     for folder in list(default_dirs) + env_dirs(env_variable):
         files.extend(sorted(Path(folder).glob("*.safetensors")))
+    return files
+
+
+def golden_dir(folder, *kinds):
+    """Claims the cases of `kinds` in an extension golden folder (e.g. EXT_DIR / "pose" / "golden")."""
+    EXT_GOLDEN_KINDS.setdefault(Path(folder), set()).update(kinds)
+
+
+def case_kind(path):
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["meta"])["kind"]
+
+
+def golden_cases():
+    """Every case to run: the core folders', the claimed extension cases, and `WAN_GOLDEN_DIR`'s."""
+    files = case_files(GOLDEN_DIRS, "WAN_GOLDEN_DIR")
+    for folder, kinds in sorted(EXT_GOLDEN_KINDS.items()):
+        files.extend(p for p in sorted(folder.glob("*.safetensors")) if case_kind(p) in kinds)
     return files
 
 

@@ -108,38 +108,57 @@ class SelfAttention(AttentionProjections):
 
 
 class CrossAttention(AttentionProjections):
-    """Attention from video tokens to the text context, plus (Wan2.1 i2v/flf2v) a separate
-    attention to the CLIP image tokens whose result is added before the output projection."""
+    """Attention from video tokens to the text context, plus extra key/value branches whose results
+    are added before the output projection. Each branch `name` owns `k_{name}`, `v_{name}` (and
+    `norm_k_{name}`) and attends to `CrossContext.branches[name]` with the shared query: Wan2.1
+    i2v/flf2v's CLIP branch is `img`; variant models add theirs with `add_branch` (e.g. an audio
+    branch) and so keep the official key names without a forked attention class."""
 
     def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6, image_branch=False):
         super().__init__(dim, num_heads, qk_norm, eps)
+        self.branches = []
+        self.eps = eps
         if image_branch:
-            self.k_img = nn.Linear(dim, dim)
-            self.v_img = nn.Linear(dim, dim)
-            self.norm_k_img = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+            self.add_branch("img", key_norm=qk_norm)
+
+    def add_branch(self, name, key_norm=True):
+        """Adds the projections of a branch attending to `CrossContext.branches[name]`."""
+        dim = self.q.in_features
+        setattr(self, f"k_{name}", nn.Linear(dim, dim, device=self.q.weight.device, dtype=self.q.weight.dtype))
+        setattr(self, f"v_{name}", nn.Linear(dim, dim, device=self.q.weight.device, dtype=self.q.weight.dtype))
+        if key_norm:
+            setattr(self, f"norm_k_{name}", RMSNorm(dim, eps=self.eps).to(self.q.weight.device, self.q.weight.dtype))
+        self.branches.append(name)
 
     @property
     def image_branch(self):
-        return hasattr(self, "k_img")
+        return "img" in self.branches
 
     def context_kv(self, context):
-        """Keys, values and logit bias of a `CrossContext`; cacheable across denoising steps.
-        Returns (k, v, bias[, k_img, v_img]) with k, v [B, Lc, H, D]."""
+        """Keys, values and logit biases of a `CrossContext`; cacheable across denoising steps.
+        Returns a list of (k [B, Lc, H, D], v [B, Lc, H, D], bias or None): the text first, then
+        each branch in `self.branches` order."""
         heads = (self.num_heads, self.head_dim)
         bias = None if context.text_bias is None else context.text_bias[:, None, None, :]
-        kv = [self.norm_k(self.k(context.text)).unflatten(-1, heads), self.v(context.text).unflatten(-1, heads), bias]
-        if self.image_branch:
-            kv += [self.norm_k_img(self.k_img(context.image)).unflatten(-1, heads),
-                   self.v_img(context.image).unflatten(-1, heads)]
-        return tuple(kv)
+        kv = [(self.norm_k(self.k(context.text)).unflatten(-1, heads), self.v(context.text).unflatten(-1, heads), bias)]
+        for name in self.branches:
+            if name not in context.branches:
+                raise ValueError(f"cross-attention branch '{name}' has no tokens in the context")
+            tokens, mask = context.branches[name]
+            k = getattr(self, f"k_{name}")(tokens)
+            norm = getattr(self, f"norm_k_{name}", None)
+            k = norm(k) if norm is not None else k
+            kv.append((k.unflatten(-1, heads), getattr(self, f"v_{name}")(tokens).unflatten(-1, heads), mask))
+        return kv
 
     def attend(self, x, kv):
         """x [B, L, C] attends to precomputed `context_kv` -> [B, L, C]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        bias = None if kv[2] is None else kv[2].to(q.dtype)
-        out = attention(q, kv[0], kv[1], attn_mask=bias)
-        if self.image_branch:
-            out = out + attention(q, kv[3], kv[4])
+        out = None
+        for k, v, mask in kv:
+            mask = mask.to(q.dtype) if mask is not None and mask.is_floating_point() else mask
+            branch = attention(q, k, v, attn_mask=mask)
+            out = branch if out is None else out + branch
         return self.o(out.flatten(2))
 
     def forward(self, x, context):
@@ -312,15 +331,20 @@ class WanModel(nn.Module):
             return context
         if clip_fea is None:
             raise ValueError(f"{self.model_type} model needs CLIP image features `clip_fea` [B, 257, 1280]")
-        context.image = self.img_emb(clip_fea.to(self.dtype))
+        context.branches["img"] = (self.img_emb(clip_fea.to(self.dtype)), None)
         return context
 
-    def run_blocks(self, x, e0, rope, context, attn_mask=None):
-        for block, ckpt in zip(self.blocks, self.gradient_checkpointing):
+    def run_blocks(self, x, e0, rope, context, attn_mask=None, after_block=None):
+        """Runs the blocks over tokens x [B, L, C]. `after_block(i, x) -> x`, if given, runs after
+        block i: the hook of variant models that add per-layer residuals (VACE hints, audio
+        injectors, face adapters) without forking the block loop."""
+        for i, (block, ckpt) in enumerate(zip(self.blocks, self.gradient_checkpointing)):
             if ckpt and torch.is_grad_enabled():
                 x = checkpoint(block, x, e0, rope, context, attn_mask, use_reentrant=False)
             else:
                 x = block(x, e0, rope, context, attn_mask)
+            if after_block is not None:
+                x = after_block(i, x)
         return x
 
     def project_out(self, x, e, grid):

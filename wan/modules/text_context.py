@@ -9,7 +9,7 @@ the padded original, at a fraction of the text-embedding and cross-attention cos
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ class CrossContext:
     """Embedded cross-attention inputs of one forward."""
     text: torch.Tensor                   # [B, Lk, C]
     text_bias: torch.Tensor = None       # [B, 1, 1, Lk] additive logit bias, or None
-    image: torch.Tensor = None           # [B, Li, C] CLIP image tokens, or None
+    # Extra cross-attention branches: name -> (tokens [B, Lb, C], mask broadcastable to
+    # [B, H, L, Lb] or None); "img" holds Wan2.1's CLIP image tokens.
+    branches: dict = field(default_factory=dict)
 
 
 def fold_padding(context, text_len):
