@@ -143,7 +143,8 @@ class Demo:
         self.preset = check_folder(self.folder, self.task) if self.task else None
         self.extensions = folder_extensions(self.folder)
         if self.preset is None and not self.extensions:
-            raise CheckpointError(f"{self.folder} holds no complete checkpoint of a core task ({', '.join(TASK_PRESETS)}) "
+            raise CheckpointError(f"{self.folder} holds no complete checkpoint of a core task "
+                                  f"({', '.join(TASK_PRESETS)}) "
                                   f"nor of an extension task ({', '.join(extension_tasks()) or 'none registered'})")
         self.causal_config, self.causal_note = self._causal_config(args.causal_config)
         self._components = {}
@@ -196,7 +197,8 @@ class Demo:
         try:
             args = inference.parse_args(argv + (["--config_path", str(config_path)] if config_path else []))
         except SystemExit:  # argparse has printed why to the server log
-            raise InvalidInput(f"inference.py does not take these settings: {' '.join(argv[2:])}") from None
+            given = " ".join(settings_argv(dict(settings)))
+            raise InvalidInput(f"inference.py does not take these settings: {given}") from None
         preset, config, sample_settings, fps, jobs, loras = inference.validate(args)
         frames, result = queue.Queue(), {}
 
@@ -265,8 +267,9 @@ def result_block(prefix, live_frame=False):
     outputs = [status]
     with gr.Row():
         if live_frame:
-            outputs.append(gr.Image(label="Live: newest frame", elem_id=f"{prefix}-frame", interactive=False))
-        outputs.append(gr.Video(label="Video", elem_id=f"{prefix}-video", interactive=False, autoplay=True))
+            outputs.append(gr.Image(label="Live: newest frame", elem_id=f"{prefix}-frame", interactive=False,
+                                    height=360))
+        outputs.append(gr.Video(label="Video", elem_id=f"{prefix}-video", interactive=False, autoplay=True, height=360))
     with gr.Row():
         outputs += [gr.File(label="JSON sidecar", elem_id=f"{prefix}-sidecar-file"),
                     gr.JSON(label="Settings used", elem_id=f"{prefix}-sidecar")]
@@ -296,14 +299,15 @@ def video_tab(demo):
         with gr.Row():
             size = gr.Dropdown(list(preset.sizes), value=preset.sizes[0], allow_custom_value=True, label="Size (W*H)",
                                elem_id="video-size")
-            frame_num = gr.Number(preset.frame_num, precision=0, label="Frames (4n+1)")
-            sample_steps = gr.Number(preset.sample_steps, precision=0, label="Sampling steps")
+            frame_num = gr.Number(preset.frame_num, precision=0, label="Frames (4n+1)", elem_id="video-frame_num")
+            sample_steps = gr.Number(preset.sample_steps, precision=0, label="Sampling steps",
+                                     elem_id="video-sample_steps")
             sample_solver = gr.Dropdown(SOLVERS, value=preset.sample_solver, label="Solver")
         with gr.Row():
             sample_shift = gr.Number(preset.sample_shift, label="Shift")
             guide = [preset.guide_scale] if isinstance(preset.guide_scale, (int, float)) else list(preset.guide_scale)
-            guides = [gr.Number(value, label=label) for value, label in
-                      zip(guide, ["Guidance"] if len(guide) == 1 else ["Guidance (low noise)", "Guidance (high noise)"])]
+            labels = ["Guidance"] if len(guide) == 1 else ["Guidance (low noise)", "Guidance (high noise)"]
+            guides = [gr.Number(value, label=label) for value, label in zip(guide, labels)]
             seed = gr.Number(0, precision=0, label="Seed")
             fps = gr.Number(preset.fps, precision=0, label="FPS of the mp4")
         negative_prompt = gr.Textbox(preset.negative_prompt, label="Negative prompt", lines=2)

@@ -177,16 +177,18 @@ def test_app_browser_text_to_video_clip_and_bad_input(open_page, server, tmp_pat
     page.screenshot(path=tmp_path / "bad_size.png", full_page=True)
 
     set_dropdown(page, "video-size", "96*64")
+    page.locator("#video-frame_num input").fill("5")
+    page.locator("#video-sample_steps input").fill("2")
     button.click()
     page.wait_for_selector("#video-video video")
     done = wait_for_status(page, "video", "Done")
     page.screenshot(path=tmp_path / "t2v.png", full_page=True)
-    assert "9 frames" in done
-    videos = sorted(server[1].glob("*/out/*.mp4"))
-    sidecars = [json.loads(v.with_suffix(".json").read_text()) for v in videos]
-    ours = [s for s in sidecars if s["prompt"] == "A red kite over a beach."]
-    assert len(ours) == 1 and ours[0]["size"] == "96*64" and ours[0]["frames"] == 9
-    assert page.locator("#video-sidecar").inner_text().count("96*64") == 1
+    assert "5 frames" in done
+    video = next(server[1].glob("*/out/*red_kite*.mp4"))
+    used = json.loads(video.with_suffix(".json").read_text())
+    assert (used["size"], used["frame_num"], used["sample_steps"], used["frames"]) == ("96*64", 5, 2, 5)
+    assert [frame.shape for frame in read_frames(video)] == [(64, 96, 3)] * 5
+    assert '"96*64"' in page.locator("#video-sidecar").inner_text()  # the sidecar shown in the page
 
 
 STREAM_WATCH = """() => {
@@ -203,11 +205,18 @@ STREAM_WATCH = """() => {
 }"""
 
 
-def test_app_browser_causal_stream_shows_frames_before_the_end(open_page, server, tmp_path):
-    page = open_page("Causal streaming")
+def test_app_browser_causal_stream_shows_frames_before_the_end_and_queues_a_second_request(open_page, server,
+                                                                                          tmp_path):
+    page, other = open_page("Causal streaming"), open_page("tiny_tint")
+    other.locator("#tiny_tint-prompt textarea").fill("A queued request.")
+    other.set_input_files("#tiny_tint-image input[type=file]", IMAGE)
+    other.locator("#tiny_tint-image img").wait_for()
     page.locator("#causal-prompt textarea").fill("A paper boat on a pond.")
     page.evaluate(STREAM_WATCH)
     page.locator("#causal-generate").click()
+    page.wait_for_function("document.querySelector('#causal-status').innerText.includes('Running')")
+    other.locator("#tiny_tint-generate").click()  # while the stream runs
+
     page.wait_for_selector("#causal-video video")
     done = wait_for_status(page, "causal", "Done")
     page.screenshot(path=tmp_path / "causal.png", full_page=True)
@@ -216,9 +225,15 @@ def test_app_browser_causal_stream_shows_frames_before_the_end(open_page, server
     assert first["t"] < seen["video"]["t"], seen
     assert "Done" not in first["status"] and len(seen["frames"]) >= 2, seen  # frames while it still ran
     assert f"{CAUSAL_FRAMES} frames" in done and "FPS" in done and "first frame after" in done
-    video = next(p for p in server[1].glob("*/out/*.mp4") if "paper_boat" in p.name)
+    video = next(server[1].glob("*/out/*paper_boat*.mp4"))
     assert len(read_frames(video)) == CAUSAL_FRAMES
     assert json.loads(video.with_suffix(".json").read_text())["num_frame_per_block"] == 2
+
+    other.wait_for_selector("#tiny_tint-video video")
+    wait_for_status(other, "tiny_tint", "Done")
+    queued = next(server[1].glob("*/out/*queued_request*.mp4"))
+    # the second request's handler (which writes its prompt file) ran once the stream was done
+    assert (queued.parents[1] / "prompt.txt").stat().st_mtime >= video.stat().st_mtime
 
     page.set_input_files("#causal-image input[type=file]", IMAGE)  # this config has no first-frame block
     page.locator("#causal-image img").wait_for()
@@ -242,24 +257,31 @@ def test_app_browser_extension_tab_from_its_fields(open_page, server, tmp_path):
     page.wait_for_selector("#tiny_tint-video video")
     wait_for_status(page, "tiny_tint", "Done")
     page.screenshot(path=tmp_path / "extension.png", full_page=True)
-    video = next(p for p in server[1].glob("*/out/*.mp4") if "tinted_lake" in p.name)
+    video = next(server[1].glob("*/out/*tinted_lake*.mp4"))
     used = json.loads(video.with_suffix(".json").read_text())
     assert used["tint"] == 0.25 and used["task"] == "tiny_tint" and used["frames"] == 5
     assert len(read_frames(video)) == 5
 
 
-def test_app_browser_second_request_waits_in_the_queue(open_page, server, tmp_path):
-    first, second = open_page("Causal streaming"), open_page("Video (t2v-1.3B)")
-    first.locator("#causal-prompt textarea").fill("A long stream first.")
-    second.locator("#video-prompt textarea").fill("A clip second.")
-    first.locator("#causal-generate").click()
-    first.wait_for_function("document.querySelector('#causal-status').innerText.length > 0")
-    second.locator("#video-generate").click()
-    for page, prefix in ((first, "causal"), (second, "video")):
-        page.wait_for_selector(f"#{prefix}-video video")
-        wait_for_status(page, prefix, "Done")
-    second.screenshot(path=tmp_path / "queued.png", full_page=True)
-    first_video = next(server[1].glob("*/out/*long_stream_first*.mp4"))
-    second_video = next(server[1].glob("*/out/*clip_second*.mp4"))
-    # the second request's handler (which writes its prompt file) ran only once the first was done
-    assert (second_video.parents[1] / "prompt.txt").stat().st_mtime >= first_video.stat().st_mtime
+@pytest.mark.parametrize("task", ["i2v-A14B", "ti2v"])
+def test_app_finds_the_folder_task_and_runs_it_like_inference(tmp_path, task):
+    """The video tab's request path without a browser: MoE (two guidance scales, an image) and TI2V."""
+    require(_importable("gradio"), "gradio")
+    import app
+
+    folder = make_tiny_checkpoint(task, tmp_path / task)
+    assert app.core_task(folder) == task
+    args, passthrough = app.parse_args(["--checkpoint_dir", str(folder), "--output_folder", str(tmp_path / "out")])
+    assert (args.host, args.share) == ("127.0.0.1", False)
+    demo = app.Demo(args, passthrough)
+    assert demo.task == task and demo.causal_config is None and "T2V" in demo.causal_note
+    guide = [2.0, 6.0] if task == "i2v-A14B" else [4.0]
+    updates = list(demo.run(task, app.prompt_line("A fox\nin snow.", [IMAGE] if task == "i2v-A14B" else []),
+                            {"frame_num": 5, "sample_steps": 2, "guide_scale": guide, "seed": 3}))
+    used = json.loads(Path(updates[-1]["sidecar"]).read_text())
+    assert used["prompt"] == "A fox in snow." and used["guide_scale"] == (guide if len(guide) == 2 else guide * 2)
+    assert (used["frame_num"], used["sample_steps"], used["seed"]) == (5, 2, 3)
+    assert sum(1 for u in updates if "frame" in u) >= 1 and len(read_frames(updates[-1]["video"])) == 5
+
+    with pytest.raises(app.InvalidInput, match="frame_num must be 4n\\+1"):
+        next(iter(demo.run(task, app.prompt_line("A fox.", []), {"frame_num": 6})))
