@@ -388,11 +388,12 @@ def extension_tab(demo, task):
     files = [file_input(task.file_kinds.get(name, "image"), name + (" (optional)" if name in task.optional else ""),
                         f"{task.name}-{name}") for name in task.fields]
     defaults = {"seed": 0, "fps": task.fps, **task.defaults}
-    with gr.Accordion("Settings", open=True):
+    with gr.Accordion("Settings", open=True), gr.Row():
         settings = [setting_input(key, value, f"{task.name}-{key}") for key, value in defaults.items()]
     button = gr.Button("Generate", variant="primary", elem_id=f"{task.name}-generate")
     outputs = result_block(task.name)
     setting_keys = set(inference.SETTING_KEYS) | {"fps"}
+    json_keys = {key for key, value in defaults.items() if not isinstance(value, (bool, int, float, str))}
 
     def generate(prompt, *values, progress=gr.Progress(track_tqdm=True)):
         paths, values = values[:len(files)], values[len(files):]
@@ -403,9 +404,8 @@ def extension_tab(demo, task):
                     raise InvalidInput(f"task {task.name} needs its '{name}' input "
                                        f"({task.file_kinds.get(name, 'image')}); upload it above")
             line = prompt_line(prompt, paths)
-            parsed = {key: value if not isinstance(component, gr.Textbox) or isinstance(defaults[key], str)
-                      else parse_json_setting(key, value)
-                      for (key, value), component in zip(zip(defaults, values), settings)}
+            parsed = {key: parse_json_setting(key, value) if key in json_keys else value
+                      for key, value in zip(defaults, values)}
             options = {k: v for k, v in parsed.items() if k not in setting_keys}
             yield from demo.run(task.name, line, {k: v for k, v in parsed.items() if k in setting_keys},
                                 config=options or None)

@@ -24,11 +24,11 @@ IMAGE = REPO / "prompts" / "images" / "first_frame.png"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
 TIMEOUT_MS = 60_000
-# blocks of 2 latent frames, 2 steps each: 7 latent frames -> blocks [2, 2, 2, 1] -> 5 + 8 + 8 + 4 frames
+# blocks of 2 latent frames, 2 steps each: 5 latent frames -> blocks [2, 2, 1] -> 5 + 8 + 4 pixel frames
 CAUSAL_CONFIG = {"denoising_step_list": [1000, 500], "warp_denoising_step": True, "timestep_shift": 5.0,
                  "context_noise": 0, "num_frame_per_block": 2, "independent_first_frame": False,
-                 "num_output_frames": 7, "model_kwargs": {"local_attn_size": -1, "sink_size": 0}}
-CAUSAL_FRAMES = 25
+                 "num_output_frames": 5, "model_kwargs": {"local_attn_size": -1, "sink_size": 0}}
+CAUSAL_FRAMES = 17
 
 
 def require(found, what):
