@@ -42,7 +42,7 @@ def require(found, what):
 
 
 def chromium_path():
-    path = os.environ.get("WAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
     require(path, "the system Chromium (Debian package `chromium`)")
     return path
 
