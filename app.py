@@ -315,6 +315,7 @@ def video_tab(demo):
     outputs = result_block("video")
     settings = [size, frame_num, sample_steps, sample_solver, sample_shift, seed, fps, negative_prompt]
 
+    # A gr.Progress default in a handler's signature makes Gradio show the run's tqdm bars as its progress bar.
     def generate(prompt, *values, progress=gr.Progress(track_tqdm=True)):
         image_values, values = values[:len(images)], values[len(images):]
         size, frame_num, steps, solver, shift, seed, fps, negative, *guide = values
@@ -415,7 +416,8 @@ def extension_tab(demo, task):
 
 
 def build_page(demo):
-    with gr.Blocks(title="Wan demo", analytics_enabled=False) as page:
+    # delete_cache: Gradio's copies of streamed frames and results go after an hour (the outputs stay).
+    with gr.Blocks(title="Wan demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"# Wan video demo\n`{demo.folder}` · outputs in `{demo.output_folder}`")
         with gr.Tabs():
             if demo.preset is not None:
