@@ -1,0 +1,56 @@
+"""Videos in: control, mask, pose and face-crop videos as [3, F, H, W] tensors in [-1, 1].
+
+A video input is a video file (anything imageio's ffmpeg reads: mp4, webm, gif, ...) or a folder of
+image frames (taken in file-name order; lossless, the better choice for masks).
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .validation import InvalidInput
+from .video_io import resize_cover
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _frames(path):
+    path = Path(path)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InvalidInput(f"frame folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    import imageio
+
+    try:
+        with imageio.get_reader(str(path)) as reader:
+            return [np.asarray(frame)[..., :3] for frame in reader]
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InvalidInput(f"cannot read video {path}: {err}") from None
+
+
+def read_video(path, width=None, height=None, max_frames=None):
+    """The first `max_frames` frames of a video file or frame folder -> [3, F, H, W] float in [-1, 1],
+    scaled to cover width x height and centre-cropped when a size is given."""
+    frames = _frames(path)[:max_frames]
+    if not frames:
+        raise InvalidInput(f"video {path} has no frames")
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    if width is not None:
+        video = torch.stack([resize_cover(frame, width, height) for frame in video.unbind(1)], dim=1)
+    log.info("read %d frames %dx%d from %s", video.shape[1], video.shape[3], video.shape[2], path)
+    return video
+
+
+def usable_frames(count):
+    """The largest 4n+1 frame count <= count (the VAE's causal frame grouping)."""
+    if count < 1:
+        raise InvalidInput("a video input needs at least 1 frame")
+    return (count - 1) // 4 * 4 + 1

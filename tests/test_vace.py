@@ -1,0 +1,107 @@
+"""Wan2.1 VACE: the model against the official manifests and as a composition of WanModel, and the
+context encoding (the golden parity cases are in test_golden.py, kinds `vace` / `vace_encode`)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_dit_config
+from golden_kinds import EXT_DIR
+from pipelines.extensions.vace import VACE_LAYERS, vace_dit_config
+from pipelines.vace_context import pack_mask, vace_context
+from wan.configs import get_preset
+from wan.modules.model import WanModel
+from wan.modules.vace import VaceWanModel
+from wan.modules.vae2_1 import WanVAE21
+
+MANIFESTS = EXT_DIR / "variants" / "manifests"
+
+
+@pytest.mark.parametrize("size", ["1.3B", "14B"])
+def test_vace_state_dict_matches_official_manifest(size):
+    config = vace_dit_config({**get_preset(f"t2v-{size}").dit, "vace_in_dim": 96})
+    with torch.device("meta"):
+        model = VaceWanModel.from_config(config)
+    manifest = json.loads((MANIFESTS / f"wan2.1_vace_{size}.json").read_text())
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    assert model.vace_layers == VACE_LAYERS[config["dim"]]
+
+
+def _tiny_vace(vace_layers=(0, 1)):
+    config = tiny_dit_config("t2v", num_layers=3, vace_layers=list(vace_layers), vace_in_dim=96)
+    return randomize(VaceWanModel.from_config(config)).eval()
+
+
+def _inputs(seed=0, grid=(3, 4, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, *grid, generator=g), torch.rand(1, generator=g) * 1000,
+            torch.randn(1, 7, 32, generator=g), torch.randn(1, 96, *grid, generator=g))
+
+
+def test_vace_scale_zero_is_the_base_model():
+    model = _tiny_vace()
+    base = WanModel(**tiny_dit_config("t2v", num_layers=3)).eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("vace_")})
+    x, t, context, c = _inputs()
+    with torch.no_grad():
+        plain = base(x, t, context)
+        assert torch.allclose(model(x, t, context, vace_context=c, context_scale=0.0), plain, atol=1e-6)
+        hinted = model(x, t, context, vace_context=c, context_scale=1.0)
+    assert (hinted - plain).abs().max() > 1e-2
+
+
+def test_vace_hints_follow_the_configured_layers():
+    """A hint is added only after the blocks of vace_layers: zeroing the after_proj of the context
+    block of layer 2 leaves the output unchanged iff no hint is added after block 2."""
+    model = _tiny_vace((0, 2))
+    x, t, context, c = _inputs(1)
+    with torch.no_grad():
+        out = model(x, t, context, vace_context=c)
+        model.vace_blocks[1].after_proj.weight.zero_()
+        model.vace_blocks[1].after_proj.bias.zero_()
+        assert (model(x, t, context, vace_context=c) - out).abs().max() > 1e-3
+
+
+def test_vace_bad_inputs_are_named():
+    model = _tiny_vace()
+    x, t, context, c = _inputs()
+    with pytest.raises(ValueError, match="vace_context must be"):
+        model(x, t, context, vace_context=c[:, :16])
+    with pytest.raises(ValueError, match="same frames"):
+        model(x, t, context, vace_context=c[:, :, :2])
+    with pytest.raises(ValueError, match="starting with 0"):
+        VaceWanModel(**tiny_dit_config("t2v"), vace_layers=[1])
+
+
+def test_vace_packed_mask_takes_nearest_exact_frames():
+    """81 pixel frames -> 21 latent frames 1, 5, 9, ..., 21, 25, 28, 32, ... (not every 4th from 0);
+    channel 8 * dy + dx holds pixel (dy, dx) of each 8x8 block."""
+    mask = torch.arange(81.0)[:, None, None].expand(81, 16, 16).clone()[None]
+    packed = pack_mask(mask, num_refs=2)
+    assert packed.shape == (64, 23, 2, 2)
+    assert packed[:, :2].abs().sum() == 0
+    frames = packed[0, 2:, 0, 0].long().tolist()
+    assert frames == [int((j + 0.5) * 81 / 21) for j in range(21)]
+    assert frames[:8] == [1, 5, 9, 13, 17, 21, 25, 28]
+    pixel = torch.zeros(1, 5, 16, 16)
+    pixel[0, :, 8 + 3, 5] = 1  # block (1, 0), dy 3, dx 5
+    assert pack_mask(pixel)[8 * 3 + 5, :, 1, 0].tolist() == [1.0, 1.0]
+
+
+def test_vace_context_splits_at_the_binarized_mask():
+    vae = randomize(WanVAE21(dim=8), std=0.1).eval()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(3, 5, 16, 16, generator=g) * 2 - 1
+    keep_all = vace_context(vae, frames, torch.full((1, 5, 16, 16), 0.4))  # below 0.5: nothing to generate
+    with torch.no_grad():
+        zero = vae.encode(torch.zeros(1, 3, 5, 16, 16))[0]
+        whole = vae.encode(frames[None])[0]
+    assert keep_all.shape == (96, 2, 2, 2)
+    assert torch.allclose(keep_all[:16], whole, atol=1e-5) and torch.allclose(keep_all[16:32], zero, atol=1e-5)
+    assert torch.allclose(keep_all[32:], torch.full_like(keep_all[32:], 0.4))
+    ref = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    with_ref = vace_context(vae, frames, torch.ones(1, 5, 16, 16), [ref])
+    assert with_ref.shape == (96, 3, 2, 2)
+    assert with_ref[16:, 0].abs().sum() == 0
