@@ -105,3 +105,73 @@ def test_vace_context_splits_at_the_binarized_mask():
     with_ref = vace_context(vae, frames, torch.ones(1, 5, 16, 16), [ref])
     assert with_ref.shape == (96, 3, 2, 2)
     assert with_ref[16:, 0].abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_vace_folder(tmp_path_factory):
+    from pipelines.extensions import extension_tasks
+
+    return extension_tasks()["vace"].make_tiny(tmp_path_factory.mktemp("ckpt") / "vace", seed=0)
+
+
+def _write_inputs(folder):
+    """A 5-frame 32x32 source video, a mask (frame folder: right half generated) and a reference image."""
+    from PIL import Image
+
+    from pipelines.video_io import save_video
+
+    g = torch.Generator().manual_seed(0)
+    save_video(torch.rand(3, 5, 32, 32, generator=g) * 2 - 1, folder / "src.mp4", fps=16)
+    (folder / "mask").mkdir()
+    for i in range(5):
+        mask = Image.new("RGB", (32, 32), (0, 0, 0))
+        mask.paste((255, 255, 255), (16, 0, 32, 32))
+        mask.save(folder / "mask" / f"{i:03d}.png")
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(folder / "ref.png")
+
+
+def _frames(path):
+    import imageio
+
+    return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
+
+
+def test_vace_inference_edits_extends_and_references(tiny_vace_folder, tmp_path):
+    import inference
+
+    _write_inputs(tmp_path)
+    (tmp_path / "edit.txt").write_text("src.mp4\tmask\tref.png\ta red ball\n\t\tref.png\tthe ball alone\n")
+    (tmp_path / "extend.txt").write_text("src.mp4\t\tcontinue it\n")
+    (tmp_path / "scale.yaml").write_text("context_scale: 0.5\nsample_steps: 1\n")
+    common = ["--checkpoint_dir", tiny_vace_folder, "--device", "cpu"]
+    assert inference.main(list(map(str, ["--task", "vace", "--data_path", tmp_path / "edit.txt", "--output_folder",
+                                         tmp_path / "out", "--config_path", tmp_path / "scale.yaml", *common]))) == 0
+    assert inference.main(list(map(str, ["--task", "vace_extend", "--data_path", tmp_path / "extend.txt",
+                                         "--frame_num", 9, "--output_folder", tmp_path / "ext",
+                                         *common]))) == 0
+    videos = sorted((tmp_path / "out").glob("*.mp4"))
+    assert [len(_frames(v)) for v in videos] == [5, 5]
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert sidecar["context_scale"] == 0.5 and sidecar["sample_shift"] == 16.0 and sidecar["sample_steps"] == 1
+    assert sidecar["inputs"]["src_mask"].endswith("mask")
+    extended = next((tmp_path / "ext").glob("*.mp4"))
+    assert len(_frames(extended)) == 9 and _frames(extended)[0].shape == (32, 32, 3)
+
+
+def test_vace_source_frames_modes(tmp_path):
+    from pipelines.extensions.vace import source_frames
+    from pipelines.validation import InvalidInput
+
+    _write_inputs(tmp_path)
+    frames, mask = source_frames({"src_video": tmp_path / "src.mp4", "src_mask": tmp_path / "mask"}, 64, 64, 81)
+    assert frames.shape == (3, 5, 64, 64) and mask.shape == (1, 5, 64, 64)
+    assert mask[..., :30].max() == 0 and mask[..., 34:].min() == 1
+    frames, mask = source_frames({"src_video": tmp_path / "src.mp4"}, 32, 32, 17, extend=True)
+    assert frames.shape[1] == 17 and mask[0, :5].max() == 0 and mask[0, 5:].min() == 1
+    assert frames[:, 5:].abs().max() == 0
+    frames, mask = source_frames({"src_video": tmp_path / "src.mp4"}, 32, 32, 3)
+    assert frames.shape[1] == 1 and mask.min() == 1  # 3 frames asked: rounded down to 4n+1
+    frames, mask = source_frames({}, 64, 64, 5)
+    assert frames.abs().max() == 0 and mask.min() == 1 and mask.shape[1] == 5
+    with pytest.raises(InvalidInput, match="src_mask was given without src_video"):
+        source_frames({"src_mask": tmp_path / "mask"}, 64, 64, 5)
