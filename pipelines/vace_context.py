@@ -52,17 +52,3 @@ def vace_context(vae, frames, mask, ref_images=()):
     stride = (vae.temporal_stride, vae.spatial_stride, vae.spatial_stride)
     return torch.cat([z0, pack_mask(mask, len(ref_images), stride).to(z0)])
 
-
-def letterbox_reference(image, width, height):
-    """A reference image [3, H, W] in [-1, 1] -> [3, 1, height, width]: scaled (bilinear) to fit inside
-    the frame and centred on a white canvas, as the official VACE pipeline places references."""
-    h, w = image.shape[1:]
-    if (h, w) == (height, width):
-        return image[:, None].float()
-    scale = min(height / h, width / w)
-    new_h, new_w = int(h * scale), int(w * scale)
-    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-    canvas = torch.ones(3, height, width)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    canvas[:, top:top + new_h, left:left + new_w] = resized
-    return canvas[:, None]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .validation import InvalidInput
 from .video_io import resize_cover
@@ -54,3 +55,18 @@ def usable_frames(count):
     if count < 1:
         raise InvalidInput("a video input needs at least 1 frame")
     return (count - 1) // 4 * 4 + 1
+
+
+def letterbox(image, width, height, fill):
+    """[3, H, W] in [-1, 1] -> [3, height, width]: scaled (bilinear) to fit inside, centred on a canvas
+    of value `fill` (VACE references: white, 1; Animate's reference: black, -1)."""
+    h, w = image.shape[1:]
+    if (h, w) == (height, width):
+        return image.float()
+    scale = min(height / h, width / w)
+    new_h, new_w = int(h * scale), int(w * scale)
+    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+    canvas = torch.full((3, height, width), float(fill))
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[:, top:top + new_h, left:left + new_w] = resized
+    return canvas

@@ -110,3 +110,74 @@ def test_animate_bad_inputs_are_named():
         _run(model, {**inputs, "face_pixel_values": torch.zeros(1, 3, 9, 8, 8)})
     with pytest.raises(ValueError, match="multiple of 5"):
         WanAnimateModel(**tiny_dit_config("i2v", num_layers=4), **TINY_FACE)
+
+
+def test_animate_clip_bookkeeping_matches_the_release():
+    from pipelines.animate_inputs import clip_starts, fold_frame_mask, padded_length, pingpong_indices
+    from pipelines.conditioning import known_frame_mask
+
+    assert padded_length(77, 77, 1) == 77 and padded_length(7, 5, 1) == 9 and padded_length(100, 77, 5) == 149
+    assert pingpong_indices(3, 7) == [0, 1, 2, 1, 0, 1, 2] and pingpong_indices(1, 3) == [0, 0, 0]
+    assert clip_starts(9, 5, 1) == [0, 4] and clip_starts(149, 77, 5) == [0, 72]
+    first_known = torch.zeros(9, 2, 3)
+    first_known[0] = 1
+    assert torch.equal(fold_frame_mask(first_known), known_frame_mask(9, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_animate_folder(tmp_path_factory):
+    from pipelines.extensions import extension_tasks
+
+    return extension_tasks()["animate"].make_tiny(tmp_path_factory.mktemp("ckpt") / "animate", seed=0)
+
+
+def _write_animate_inputs(folder, frames=7):
+    from PIL import Image
+
+    from pipelines.video_io import save_video
+
+    g = torch.Generator().manual_seed(0)
+    save_video(torch.rand(3, frames, 32, 32, generator=g) * 2 - 1, folder / "pose.mp4")
+    save_video(torch.rand(3, frames, 32, 32, generator=g) * 2 - 1, folder / "bg.mp4")
+    for name, size in (("faces", 16), ("mask", 32)):
+        (folder / name).mkdir()
+        for i in range(frames):
+            image = Image.new("RGB", (size, size), (0, 0, 0))
+            image.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+            image.save(folder / name / f"{i:03d}.png")
+    Image.new("RGB", (24, 40), (30, 200, 30)).save(folder / "ref.png")
+
+
+def test_animate_inference_animate_and_replace_modes(tiny_animate_folder, tmp_path):
+    """7 pose frames, clips of 5 overlapping by 1: two clips over the ping-pong padded 9 frames,
+    trimmed back to 7; replace mode runs with classifier-free guidance (guide 2 > 1)."""
+    import imageio
+
+    import inference
+
+    _write_animate_inputs(tmp_path)
+    (tmp_path / "animate.txt").write_text("ref.png\tpose.mp4\tfaces\t\t\ta person dances\n")
+    (tmp_path / "replace.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\tmask\ta person dances\n")
+    common = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate"]
+    assert inference.main(list(map(str, ["--data_path", tmp_path / "animate.txt", "--output_folder", tmp_path / "a",
+                                         *common]))) == 0
+    assert inference.main(list(map(str, ["--data_path", tmp_path / "replace.txt", "--output_folder", tmp_path / "r",
+                                         "--guide_scale", 2.0, "--sample_steps", 1, *common]))) == 0
+    for out, mode in (("a", "animate"), ("r", "replace")):
+        video = next((tmp_path / out).glob("*.mp4"))
+        reader = imageio.get_reader(str(video), "ffmpeg")
+        frames = [f for f in reader]
+        assert len(frames) == 7 and frames[0].shape == (32, 32, 3) and reader.get_meta_data()["fps"] == 30
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["mode"] == mode and sidecar["frame_num"] == 5 and sidecar["refert_num"] == 1
+
+
+def test_animate_bad_prompt_lines_fail_with_the_fix(tiny_animate_folder, tmp_path, capsys):
+    import inference
+
+    _write_animate_inputs(tmp_path, frames=3)
+    (tmp_path / "half.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\t\tx\n")
+    args = ["--checkpoint_dir", str(tiny_animate_folder), "--device", "cpu", "--task", "animate",
+            "--output_folder", str(tmp_path / "o")]
+    with pytest.raises(Exception, match="both bg_video and mask_video"):
+        inference.main(["--data_path", str(tmp_path / "half.txt"), *args])

@@ -25,9 +25,9 @@ from pipelines.guided_sampling import denoise
 from pipelines.loading import (WAN_CONFIG, _load_text_encoder, _load_vae, dit_weights, is_diffusers_folder,
                                required_files, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
-from pipelines.vace_context import letterbox_reference, vace_context
+from pipelines.vace_context import vace_context
 from pipelines.validation import InvalidInput, check_image_file, parse_size
-from pipelines.video_input import IMAGE_SUFFIXES, read_video, usable_frames
+from pipelines.video_input import IMAGE_SUFFIXES, letterbox, read_video, usable_frames
 from pipelines.video_io import image_to_tensor, write_frames
 from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
 from wan.configs import get_preset
@@ -94,7 +94,8 @@ def reference_images(path, width, height):
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise InvalidInput(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [letterbox_reference(image_to_tensor(check_image_file(p)), width, height) for p in files]
+    # Placed as the official pipeline does: fit inside the frame on a white canvas.
+    return [letterbox(image_to_tensor(check_image_file(p)), width, height, fill=1.0)[:, None] for p in files]
 
 
 def source_frames(inputs, width, height, frame_num, extend=False):
