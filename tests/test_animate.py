@@ -47,8 +47,11 @@ def test_animate_relighting_lora_loads_onto_our_modules():
 TINY_FACE = dict(face_size=16, face_channels={16: 8, 8: 16, 4: 16}, style_dim=32, face_encoder_width=8)
 
 
+TINY_CLIP = dict(clip_dim=32, clip_tokens=5)
+
+
 def _tiny_animate():
-    config = tiny_dit_config("i2v", num_layers=5, **TINY_FACE)
+    config = tiny_dit_config("i2v", num_layers=5, **TINY_CLIP, **TINY_FACE)
     return randomize(WanAnimateModel.from_config(config), std=0.2).eval()
 
 
@@ -57,7 +60,7 @@ def _inputs(seed=0, frames=9, latent=(4, 4, 4)):
     f, h, w = latent
     return dict(x=torch.randn(1, 16, f, h, w, generator=g), t=torch.rand(1, generator=g) * 1000,
                 context=torch.randn(1, 7, 32, generator=g), y=torch.randn(1, 20, f, h, w, generator=g),
-                clip_fea=torch.randn(1, 257, 1280, generator=g), pose_latents=torch.randn(1, 16, f - 1, h, w, generator=g),
+                clip_fea=torch.randn(1, 5, 32, generator=g), pose_latents=torch.randn(1, 16, f - 1, h, w, generator=g),
                 face_pixel_values=torch.rand(1, 3, frames, 16, 16, generator=g) * 2 - 1)
 
 
@@ -76,7 +79,7 @@ def test_animate_without_face_and_pose_is_the_i2v_model():
         for p in [*model.pose_patch_embedding.parameters(), *(p for b in model.face_adapter.fuser_blocks
                                                                for p in b.linear2.parameters())]:
             p.zero_()
-        base = WanModel(**tiny_dit_config("i2v", num_layers=5)).eval()
+        base = WanModel(**tiny_dit_config("i2v", num_layers=5, **TINY_CLIP)).eval()
         base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
         reduced = _run(model, inputs)
         plain = base(inputs["x"], inputs["t"], inputs["context"], y=inputs["y"], clip_fea=inputs["clip_fea"])
@@ -109,7 +112,7 @@ def test_animate_bad_inputs_are_named():
     with pytest.raises(ValueError, match="face crops must be"):
         _run(model, {**inputs, "face_pixel_values": torch.zeros(1, 3, 9, 8, 8)})
     with pytest.raises(ValueError, match="multiple of 5"):
-        WanAnimateModel(**tiny_dit_config("i2v", num_layers=4), **TINY_FACE)
+        WanAnimateModel(**tiny_dit_config("i2v", num_layers=4), **TINY_CLIP, **TINY_FACE)
 
 
 def test_animate_clip_bookkeeping_matches_the_release():
@@ -149,25 +152,27 @@ def _write_animate_inputs(folder, frames=7):
 
 
 def test_animate_inference_animate_and_replace_modes(tiny_animate_folder, tmp_path):
-    """7 pose frames, clips of 5 overlapping by 1: two clips over the ping-pong padded 9 frames,
-    trimmed back to 7; replace mode runs with classifier-free guidance (guide 2 > 1)."""
+    """Animate mode, 7 pose frames in clips of 5 overlapping by 1: two clips over the ping-pong padded
+    9 frames, trimmed back to 7. Replace mode (5 frames, one clip) with classifier-free guidance."""
     import imageio
 
     import inference
 
-    _write_animate_inputs(tmp_path)
-    (tmp_path / "animate.txt").write_text("ref.png\tpose.mp4\tfaces\t\t\ta person dances\n")
-    (tmp_path / "replace.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\tmask\ta person dances\n")
-    common = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate"]
-    assert inference.main(list(map(str, ["--data_path", tmp_path / "animate.txt", "--output_folder", tmp_path / "a",
-                                         *common]))) == 0
-    assert inference.main(list(map(str, ["--data_path", tmp_path / "replace.txt", "--output_folder", tmp_path / "r",
-                                         "--guide_scale", 2.0, "--sample_steps", 1, *common]))) == 0
-    for out, mode in (("a", "animate"), ("r", "replace")):
+    for name, frames in (("long", 7), ("short", 5)):
+        (tmp_path / name).mkdir()
+        _write_animate_inputs(tmp_path / name, frames)
+    (tmp_path / "long" / "animate.txt").write_text("ref.png\tpose.mp4\tfaces\t\t\ta person dances\n")
+    (tmp_path / "short" / "replace.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\tmask\ta person dances\n")
+    common = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate", "--sample_steps", 1]
+    assert inference.main(list(map(str, ["--data_path", tmp_path / "long" / "animate.txt",
+                                         "--output_folder", tmp_path / "a", *common]))) == 0
+    assert inference.main(list(map(str, ["--data_path", tmp_path / "short" / "replace.txt",
+                                         "--output_folder", tmp_path / "r", "--guide_scale", 2.0, *common]))) == 0
+    for out, mode, length in (("a", "animate", 7), ("r", "replace", 5)):
         video = next((tmp_path / out).glob("*.mp4"))
         reader = imageio.get_reader(str(video), "ffmpeg")
         frames = [f for f in reader]
-        assert len(frames) == 7 and frames[0].shape == (32, 32, 3) and reader.get_meta_data()["fps"] == 30
+        assert len(frames) == length and frames[0].shape == (32, 32, 3) and reader.get_meta_data()["fps"] == 30
         sidecar = json.loads(video.with_suffix(".json").read_text())
         assert sidecar["mode"] == mode and sidecar["frame_num"] == 5 and sidecar["refert_num"] == 1
 

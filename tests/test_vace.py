@@ -93,18 +93,21 @@ def test_vace_packed_mask_takes_nearest_exact_frames():
 def test_vace_context_splits_at_the_binarized_mask():
     vae = randomize(WanVAE21(dim=8), std=0.1).eval()
     g = torch.Generator().manual_seed(0)
-    frames = torch.rand(3, 5, 16, 16, generator=g) * 2 - 1
-    keep_all = vace_context(vae, frames, torch.full((1, 5, 16, 16), 0.4))  # below 0.5: nothing to generate
+    frames = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    keep_all = vace_context(vae, frames, torch.full((1, 1, 16, 16), 0.4))  # below 0.5: nothing to generate
     with torch.no_grad():
-        zero = vae.encode(torch.zeros(1, 3, 5, 16, 16))[0]
+        zero = vae.encode(torch.zeros(1, 3, 1, 16, 16))[0]
         whole = vae.encode(frames[None])[0]
-    assert keep_all.shape == (96, 2, 2, 2)
+    assert keep_all.shape == (96, 1, 2, 2)
     assert torch.allclose(keep_all[:16], whole, atol=1e-5) and torch.allclose(keep_all[16:32], zero, atol=1e-5)
     assert torch.allclose(keep_all[32:], torch.full_like(keep_all[32:], 0.4))
     ref = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
-    with_ref = vace_context(vae, frames, torch.ones(1, 5, 16, 16), [ref])
-    assert with_ref.shape == (96, 3, 2, 2)
-    assert with_ref[16:, 0].abs().sum() == 0
+    with_ref = vace_context(vae, frames, torch.ones(1, 1, 16, 16), [ref])
+    with torch.no_grad():
+        ref_latent = vae.encode(ref[None])[0]
+    assert with_ref.shape == (96, 2, 2, 2)
+    assert torch.allclose(with_ref[:16, :1], ref_latent, atol=1e-5) and with_ref[16:, 0].abs().sum() == 0
+    assert torch.allclose(with_ref[:16, 1:], zero, atol=1e-5) and torch.allclose(with_ref[16:32, 1:], whole, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,7 @@ def test_vace_inference_edits_extends_and_references(tiny_vace_folder, tmp_path)
     assert inference.main(list(map(str, ["--task", "vace", "--data_path", tmp_path / "edit.txt", "--output_folder",
                                          tmp_path / "out", "--config_path", tmp_path / "scale.yaml", *common]))) == 0
     assert inference.main(list(map(str, ["--task", "vace_extend", "--data_path", tmp_path / "extend.txt",
-                                         "--frame_num", 9, "--output_folder", tmp_path / "ext",
+                                         "--frame_num", 5, "--output_folder", tmp_path / "ext",
                                          *common]))) == 0
     videos = sorted((tmp_path / "out").glob("*.mp4"))
     assert [len(_frames(v)) for v in videos] == [5, 5]
@@ -155,7 +158,7 @@ def test_vace_inference_edits_extends_and_references(tiny_vace_folder, tmp_path)
     assert sidecar["context_scale"] == 0.5 and sidecar["sample_shift"] == 16.0 and sidecar["sample_steps"] == 1
     assert sidecar["inputs"]["src_mask"].endswith("mask")
     extended = next((tmp_path / "ext").glob("*.mp4"))
-    assert len(_frames(extended)) == 9 and _frames(extended)[0].shape == (32, 32, 3)
+    assert len(_frames(extended)) == 5 and _frames(extended)[0].shape == (32, 32, 3)
 
 
 def test_vace_source_frames_modes(tmp_path):
