@@ -177,12 +177,42 @@ def test_animate_inference_animate_and_replace_modes(tiny_animate_folder, tmp_pa
         assert sidecar["mode"] == mode and sidecar["frame_num"] == 5 and sidecar["refert_num"] == 1
 
 
-def test_animate_bad_prompt_lines_fail_with_the_fix(tiny_animate_folder, tmp_path, capsys):
+def test_animate_bad_prompt_lines_fail_with_the_fix(tiny_animate_folder, tmp_path):
     import inference
+    from pipelines.validation import InvalidInput
 
     _write_animate_inputs(tmp_path, frames=3)
     (tmp_path / "half.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\t\tx\n")
     args = ["--checkpoint_dir", str(tiny_animate_folder), "--device", "cpu", "--task", "animate",
             "--output_folder", str(tmp_path / "o")]
-    with pytest.raises(Exception, match="both bg_video and mask_video"):
+    with pytest.raises(InvalidInput, match="both bg_video and mask_video"):
         inference.main(["--data_path", str(tmp_path / "half.txt"), *args])
+
+
+def test_animate_relighting_lora_option_fuses_the_folder_file(tiny_animate_folder, tmp_path):
+    """`use_relighting_lora` reads `relighting_lora.ckpt` ({"state_dict": peft keys}) beside the DiT and
+    adds B @ A (alpha = rank) into each targeted weight; the other weights stay as loaded."""
+    import shutil
+
+    from pipelines.extensions.animate import RELIGHTING_LORA, load_animate_dit
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_animate_folder, folder)
+    g = torch.Generator().manual_seed(0)
+    targets = ["blocks.0.self_attn.q", "blocks.3.cross_attn.k_img", "blocks.4.ffn.2"]
+    plain = load_animate_dit(folder, 32, torch.float32, "cpu")
+    state = {}
+    for name in targets:
+        weight = plain.get_submodule(name).weight
+        state[f"{name}.lora_A.weight"] = torch.randn(4, weight.shape[1], generator=g)
+        state[f"{name}.lora_B.weight"] = torch.randn(weight.shape[0], 4, generator=g)
+    torch.save({"state_dict": state}, folder / RELIGHTING_LORA)
+    relit = load_animate_dit(folder, 32, torch.float32, "cpu", relighting_lora=True)
+    before, after = plain.state_dict(), relit.state_dict()
+    for key in before:
+        module = key.rsplit(".", 1)[0]
+        if module in targets and key.endswith("weight"):
+            delta = state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]  # alpha / rank = 1
+            assert torch.allclose(after[key], before[key] + delta, atol=1e-5), key
+        else:
+            assert torch.equal(after[key], before[key]), key

@@ -111,7 +111,8 @@ class AnimatePipeline:
         if width % step or height % step:
             raise InvalidInput(f"video size {size} (W*H) is not a multiple of {step}; pass --size, e.g. "
                                f"{width // step * step}*{height // step * step}")
-        settings = SampleSettings(**{**vars(settings), "size": size}).resolved(self.preset.with_overrides(sizes=(size,)))
+        preset = self.preset.with_overrides(sizes=(size,))
+        settings = SampleSettings(**{**vars(settings), "size": size}).resolved(preset)
         if settings.frame_num <= 2 * self.refert_num:
             raise InvalidInput(f"frame_num {settings.frame_num} (frames per clip) must exceed 2 x refert_num")
         return settings, width, height

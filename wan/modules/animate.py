@@ -32,8 +32,8 @@ class WanAnimateModel(WanModel):
             raise ValueError(f"WanAnimateModel extends the i2v model; got model_type '{model_type}'")
         num_layers = kwargs.get("num_layers", inspect.signature(WanModel.__init__).parameters["num_layers"].default)
         if num_layers % FACE_ADAPTER_EVERY:
-            raise ValueError(f"Animate puts a face adapter after every {FACE_ADAPTER_EVERY}th block; num_layers must be "
-                             f"a multiple of {FACE_ADAPTER_EVERY}, got {num_layers}")
+            raise ValueError(f"Animate puts a face adapter after every {FACE_ADAPTER_EVERY}th block; num_layers "
+                             f"must be a multiple of {FACE_ADAPTER_EVERY}, got {num_layers}")
         super().__init__(model_type="i2v", image_branch=use_img_emb, **kwargs)
         self.pose_patch_embedding = torch.nn.Conv3d(POSE_CHANNELS, self.dim, kernel_size=self.patch_size,
                                                     stride=self.patch_size)
@@ -80,8 +80,8 @@ class WanAnimateModel(WanModel):
         tokens = tokens + self.embed_pose(pose_latents, grid)
         faces = self.encode_faces(face_pixel_values)
         if faces.shape[1] != grid[0]:
-            raise ValueError(f"{face_pixel_values.shape[2]} face frames give {faces.shape[1] - 1} latent frames but x has "
-                             f"{grid[0] - 1} after the reference; give 4n+1 frames for n+1 latent frames")
+            raise ValueError(f"{face_pixel_values.shape[2]} face frames give {faces.shape[1] - 1} latent frames but x "
+                             f"has {grid[0] - 1} after the reference; give 4n+1 frames for n+1 latent frames")
         e, e0 = self.embed_time(t, tokens.shape[1])
         context = self.embed_context(context, clip_fea)
 

@@ -13,7 +13,6 @@ layers; 14B: [0, 5, ..., 35]); `vace_layers=None` means every second layer, the 
 
 import inspect
 
-import torch
 import torch.nn as nn
 
 from .model import WanAttentionBlock, WanModel
