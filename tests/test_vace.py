@@ -139,11 +139,11 @@ def _frames(path):
     return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
 
 
-def test_vace_inference_edits_extends_and_references(tiny_vace_folder, tmp_path):
+def test_vace_inference_edits_with_mask_and_reference_and_extends(tiny_vace_folder, tmp_path):
     import inference
 
     _write_inputs(tmp_path)
-    (tmp_path / "edit.txt").write_text("src.mp4\tmask\tref.png\ta red ball\n\t\tref.png\tthe ball alone\n")
+    (tmp_path / "edit.txt").write_text("src.mp4\tmask\tref.png\ta red ball\n")
     (tmp_path / "extend.txt").write_text("src.mp4\t\tcontinue it\n")
     (tmp_path / "scale.yaml").write_text("context_scale: 0.5\nsample_steps: 1\n")
     common = ["--checkpoint_dir", tiny_vace_folder, "--device", "cpu"]
@@ -153,7 +153,7 @@ def test_vace_inference_edits_extends_and_references(tiny_vace_folder, tmp_path)
                                          "--frame_num", 5, "--output_folder", tmp_path / "ext",
                                          *common]))) == 0
     videos = sorted((tmp_path / "out").glob("*.mp4"))
-    assert [len(_frames(v)) for v in videos] == [5, 5]
+    assert [len(_frames(v)) for v in videos] == [5]
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert sidecar["context_scale"] == 0.5 and sidecar["sample_shift"] == 16.0 and sidecar["sample_steps"] == 1
     assert sidecar["inputs"]["src_mask"].endswith("mask")
