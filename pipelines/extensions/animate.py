@@ -30,7 +30,7 @@ from pipelines.loading import (WAN_CONFIG, _load_clip, _load_text_encoder, _load
                                required_files, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
-from pipelines.video_input import letterbox, read_video
+from pipelines.video_input import letterbox, read_video, to_unit
 from pipelines.video_io import image_to_tensor, write_frames
 from pipelines.wan_video import SampleSettings
 from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
@@ -118,17 +118,18 @@ class AnimatePipeline:
         return settings, width, height
 
     def _inputs(self, inputs, width, height):
-        """Pose [3, T, H, W], faces [3, T, S, S], reference [3, H, W], background / person mask or None."""
+        """Pose [3, T, H, W], faces [3, T, S, S], background (or None) and person mask [T, H, W] (or None)
+        as uint8, the reference [3, H, W] in [-1, 1]."""
         if (inputs.get("bg_video") is None) != (inputs.get("mask_video") is None):
             raise InvalidInput("replace mode needs both bg_video and mask_video (animate mode: neither)")
-        pose = read_video(inputs["pose_video"], width, height)
+        pose = read_video(inputs["pose_video"], width, height, uint8=True)
         face_size = self.dit.motion_encoder.size
-        faces = read_video(inputs["face_video"], face_size, face_size)
+        faces = read_video(inputs["face_video"], face_size, face_size, uint8=True)
         reference = letterbox(image_to_tensor(check_image_file(inputs["ref_image"])), width, height, fill=-1.0)
         background = mask = None
         if inputs.get("bg_video") is not None:
-            background = read_video(inputs["bg_video"], width, height)
-            mask = (read_video(inputs["mask_video"], width, height)[0] + 1) / 2
+            background = read_video(inputs["bg_video"], width, height, uint8=True)
+            mask = read_video(inputs["mask_video"], width, height, uint8=True)[0]
         lengths = {"face_video": faces.shape[1]}
         if background is not None:
             lengths.update(bg_video=background.shape[1], mask_video=mask.shape[0])
@@ -162,11 +163,11 @@ class AnimatePipeline:
         for start in tqdm(starts, desc="clips", disable=not progress or len(starts) == 1, leave=False):
             frames = order[start:start + clip_len]
             cond_mask, cond_latents = clip_condition(
-                self.vae, height, width, previous, None if background is None else background[:, frames],
-                None if mask is None else mask[frames], clip_len, refert)
+                self.vae, height, width, previous, None if background is None else to_unit(background[:, frames]),
+                None if mask is None else mask[frames] / 255, clip_len, refert)
             y = torch.cat([y_ref, torch.cat([cond_mask, cond_latents])], dim=1)[None].to(self.device)
-            pose_latents = self.vae.encode(pose[None, :, frames].to(self.vae.device)).to(self.device)
-            face_pixels = faces[None, :, frames].to(self.device)
+            pose_latents = self.vae.encode(to_unit(pose[None, :, frames]).to(self.vae.device)).to(self.device)
+            face_pixels = to_unit(faces[None, :, frames]).to(self.device)
             noise = torch.randn((16, *y.shape[2:]), generator=generator).to(self.device)
 
             def predict(latent, t):
