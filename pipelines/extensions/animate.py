@@ -19,6 +19,7 @@ shift 5, guide 1.0, 77 frames per clip, 30 fps.
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -146,6 +147,16 @@ class AnimatePipeline:
         clip_fea = self.clip.encode([reference[:, None].to(self.clip.device)]).to(self.device)
         return y_ref, clip_fea
 
+    def _predict(self, latent, t, text, inputs, guided):
+        """(cond, uncond) noise predictions of one clip; uncond (the negative prompt, blank faces, the
+        same pose and reference) only with guidance."""
+        if not guided:
+            return self.dit(latent[None], t, text, **inputs)[0], None
+        batch = {k: v.expand(2, *v.shape[1:]) for k, v in inputs.items() if k != "face_pixel_values"}
+        faces = inputs["face_pixel_values"]
+        return self.dit(latent[None].expand(2, *latent.shape), t.expand(2), text, **batch,
+                        face_pixel_values=torch.cat([faces, torch.full_like(faces, -1)])).unbind(0)
+
     @torch.no_grad()
     def generate(self, prompt, inputs, settings, progress=True):
         """Returns (video [3, T, H, W] in [-1, 1] on the CPU, T = the pose video's length, resolved settings)."""
@@ -167,19 +178,10 @@ class AnimatePipeline:
                 None if mask is None else mask[frames] / 255, clip_len, refert)
             y = torch.cat([y_ref, torch.cat([cond_mask, cond_latents])], dim=1)[None].to(self.device)
             pose_latents = self.vae.encode(to_unit(pose[None, :, frames]).to(self.vae.device)).to(self.device)
-            face_pixels = to_unit(faces[None, :, frames]).to(self.device)
+            clip_inputs = dict(y=y, clip_fea=clip_fea, pose_latents=pose_latents,
+                               face_pixel_values=to_unit(faces[None, :, frames]).to(self.device))
             noise = torch.randn((16, *y.shape[2:]), generator=generator).to(self.device)
-
-            def predict(latent, t):
-                if not guided:
-                    return self.dit(latent[None], t, text, y=y, clip_fea=clip_fea, pose_latents=pose_latents,
-                                    face_pixel_values=face_pixels)[0], None
-                cond, uncond = self.dit(latent[None].expand(2, *latent.shape), t.expand(2), text,
-                                        y=y.expand(2, *y.shape[1:]), clip_fea=clip_fea.expand(2, *clip_fea.shape[1:]),
-                                        pose_latents=pose_latents.expand(2, *pose_latents.shape[1:]),
-                                        face_pixel_values=torch.cat([face_pixels, torch.full_like(face_pixels, -1)]))
-                return cond, uncond
-
+            predict = partial(self._predict, text=text, inputs=clip_inputs, guided=guided)
             latent = denoise(predict, noise, settings, self.preset.num_train_timesteps, generator, progress)
             video = self.vae.decode(latent[None, :, 1:].to(self.vae.device))[0].float().cpu()
             previous = video[:, -refert:]
@@ -191,7 +193,7 @@ class AnimatePipeline:
         frames, height, width = write_frames(writer, video)
         mode = "replace" if job.inputs.get("bg_video") is not None else "animate"
         return {"frames": frames, "height": height, "width": width, "mode": mode, "refert_num": self.refert_num,
-                **{k: v for k, v in vars(settings).items() if k != "seed"}, "seed": seed}
+                **vars(settings)}
 
 
 def load(folder, args, config):

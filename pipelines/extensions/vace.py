@@ -145,11 +145,10 @@ class VacePipeline:
         generator = torch.Generator().manual_seed(settings.seed)
         noise = torch.randn((16, *context.shape[2:]), generator=generator).to(self.device)
 
-        def predict(latent, t):
-            cond, uncond = self.dit(latent[None].expand(2, *latent.shape), t.expand(2), text,
-                                    vace_context=context.expand(2, *context.shape[1:]),
-                                    context_scale=self.context_scale)
-            return cond, uncond
+        def predict(latent, t):  # the prompt and the negative prompt, the same VACE context
+            return self.dit(latent[None].expand(2, *latent.shape), t.expand(2), text,
+                            vace_context=context.expand(2, *context.shape[1:]),
+                            context_scale=self.context_scale).unbind(0)
 
         latent = denoise(predict, noise, settings, self.preset.num_train_timesteps, generator, progress)
         video = self.vae.decode(latent[None, :, len(refs):].to(self.vae.device))[0].cpu()
@@ -159,7 +158,7 @@ class VacePipeline:
         video, settings = self.generate(job.prompt, job.inputs, settings)
         frames, height, width = write_frames(writer, video)
         return {"frames": frames, "height": height, "width": width, "context_scale": self.context_scale,
-                **{k: v for k, v in vars(settings).items() if k != "seed"}, "seed": seed}
+                **vars(settings)}
 
 
 def load(folder, args, config, extend=False):
