@@ -104,8 +104,8 @@ class MultiReferencePipeline:
 
     @torch.no_grad()
     def generate(self, prompts, references, settings=None, progress=True):
-        """prompts: B prompts; references: per prompt, one uint8 image or None per slot.
-        Returns B videos [3, F, H, W] in [-1, 1] (CPU, float32), the reference frames dropped."""
+        """prompts: B prompts; references: per prompt, one uint8 image or None per slot. Prompt i
+        uses seed `settings.seed + i`. Returns B videos [3, F, H, W] in [-1, 1] (CPU, float32), the reference frames dropped."""
         if len(prompts) != len(references):
             raise InvalidInput(f"{len(prompts)} prompts but {len(references)} reference sets")
         if any(not p or not p.strip() for p in prompts):
@@ -120,12 +120,13 @@ class MultiReferencePipeline:
             raise InvalidInput(f"{max(num_slots)} reference slots take {needed} frames; frame_num must be larger "
                                f"(4n + 1), got {settings.frame_num}")
         latent_frames = (settings.frame_num - 1) // vae.temporal_stride + 1
-        shape = (batch, vae.z_dim, latent_frames, height // vae.spatial_stride, width // vae.spatial_stride)
+        shape = (1, vae.z_dim, latent_frames, height // vae.spatial_stride, width // vae.spatial_stride)
 
-        # One CPU generator draws the noise, then each sample's posterior sample, in the reference's order.
-        generator = torch.Generator().manual_seed(settings.seed)
-        latent = torch.randn(shape, generator=generator).to(self.device)
-        y = torch.stack([self.condition(images, settings.frame_num, generator) for _, images in encoded])
+        # Sample i draws its noise, then its posterior sample, from a CPU generator seeded with seed + i (the
+        # reference's order): a batch gives the videos of separate runs, and a seed the same video on any device.
+        generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(batch)]
+        latent = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        y = torch.stack([self.condition(images, settings.frame_num, g) for (_, images), g in zip(encoded, generators)])
         tokens = ReferenceTokens.from_list([t for t, _ in encoded]).to(self.device)
         text = self.components.text_encoder.encode(list(prompts) + [settings.negative_prompt] * batch,
                                                    device=self.device)
@@ -139,7 +140,7 @@ class MultiReferencePipeline:
             pred = self.dit(latent.repeat(2, 1, 1, 1, 1), t.reshape(1).expand(2 * batch).to(self.device), text,
                             clip_fea=tokens.repeat(2), y=y.repeat(2, 1, 1, 1, 1))
             pred_cond, pred_uncond = pred.chunk(2)
-            latent = sampler.step(pred_uncond + guide * (pred_cond - pred_uncond), i, latent, generator=generator)
+            latent = sampler.step(pred_uncond + guide * (pred_cond - pred_uncond), i, latent, generator=generators[0])
         video = vae.decode(latent.to(vae.device)).cpu()
         return [v[:, reference_frames(n, temporal_stride=vae.temporal_stride)[-1][-1] + 1:]
                 for v, n in zip(video, num_slots)]
