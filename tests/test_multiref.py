@@ -3,7 +3,10 @@ layouts, reference preprocessing and condition, the pipeline end to end, edge ma
 (Golden parity with the reference code: tests/golden_kinds/a2.py through tests/test_golden.py.)"""
 
 import json
+import re
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,14 +35,23 @@ def shapes(state):
     return {k: list(v.shape) for k, v in state.items()}
 
 
-def test_a2_transformer_state_dict_matches_manifest():
-    """The released A2 transformer (its config is Wan2.1-I2V-14B's) in diffusers key names."""
-    config = config_from_diffusers(config_to_diffusers(get_preset("i2v-14B").dit))
+@pytest.fixture(scope="module")
+def a2_14B():
+    """The released A2 transformer on the meta device: its config is Wan2.1-I2V-14B's."""
     with torch.device("meta"):
-        model = WanModel.from_config(config)
+        return WanModel.from_config(config_from_diffusers(config_to_diffusers(get_preset("i2v-14B").dit)))
+
+
+def base_state(model):
+    """The state dict without LoRA tensors (a LoRA module keeps its base's names)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def test_a2_transformer_state_dict_matches_manifest(a2_14B):
+    """In diffusers key names, through the DiT key table."""
     expected = manifest("a2_14B")
-    assert shapes(dit_to_diffusers(model.state_dict())) == expected["keys"]
-    assert sum(p.numel() for p in model.parameters()) == expected["num_params"]
+    assert shapes(dit_to_diffusers(base_state(a2_14B))) == expected["keys"]
+    assert sum(v.numel() for v in base_state(a2_14B).values()) == expected["num_params"]
 
 
 def test_a2_image_encoder_hf_state_dict_matches_manifest():
@@ -180,3 +192,181 @@ def test_a3_edge_mask_from_binary_mask_and_cutout(tmp_path):
     Image.fromarray((mask * 255).astype(np.uint8)).save(src)
     make_edge_mask.main([str(src), str(dst), "--width", "2"])
     assert np.array_equal(np.asarray(Image.open(dst))[..., 0] > 0, edge)
+
+
+# -- A3 training --------------------------------------------------------------------------------------
+
+
+def test_a3_lora_rank16_is_0_08_percent_of_a2_14B(a2_14B):
+    from wan.lora import count_parameters, inject_lora, parameter_report
+    from trainers.multiref import official_target
+
+    targets = [official_target("blocks.*.attn2.add_k_proj"), official_target("blocks.*.cross_attn.v_img")]
+    assert targets == ["blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"]
+    model = a2_14B
+    names = inject_lora(model, targets, rank=16)
+    trainable, total = count_parameters(model)
+    assert len(names) == 80 and trainable == 80 * 819_200 // 80 * 16 == 13_107_200
+    assert total - trainable == 16_394_878_784
+    assert "(0.08%)" in parameter_report(model)
+
+
+def test_a3_dropout_rates_match_the_config():
+    from trainers.multiref import draw_dropout
+
+    present = torch.tensor([[True, True, True]] * 3000 + [[True, False, True]] * 1000)
+    kept = draw_dropout(present, 0.3, 0.6, torch.Generator().manual_seed(0))
+    assert kept[:, 0].all() and not kept[3000:, 1].any()  # the object stays; an absent mask stays absent
+    assert abs((~kept[:3000, 1]).float().mean().item() - 0.3) < 0.03
+    assert abs((~kept[:, 2]).float().mean().item() - 0.6) < 0.03
+
+
+def write_a3_dataset(folder):
+    """3 complete samples (object only; + mask; + mask + background) and one missing its video and object."""
+    import imageio
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        name = f"{i:03d}"
+        ramp = np.linspace(0, 255, 48)[None, :, None]
+        frames = [np.clip(ramp + 12 * t, 0, 255).astype(np.uint8).repeat(32, 0).repeat(3, 2) for t in range(6)]
+        imageio.mimwrite(folder / f"{name}.mp4", frames, fps=8, macro_block_size=1)
+        (folder / f"{name}.txt").write_text(f"clip {i}")
+        image(folder / f"{name}_object.png", (20, 30, 3), 10 * i)
+        if i >= 1:
+            image(folder / f"{name}_mask.png", (20, 20, 3), 10 * i + 1)
+        if i == 2:
+            image(folder / f"{name}_background.png", (30, 40, 3), 10 * i + 2)
+    (folder / "003.txt").write_text("no video")
+
+
+@pytest.fixture(scope="module")
+def a3_run(tiny_a2, tmp_path_factory):
+    """A tiny A3 LoRA run from a diffusion-pipe style TOML, through the shared loop; keeps the trainer."""
+    from trainers.config import load_config
+    from trainers.loop import train
+    from trainers.multiref import MultiReferenceTrainer
+
+    root = tmp_path_factory.mktemp("a3")
+    write_a3_dataset(root / "data")
+    (root / "dataset.toml").write_text('directory = "data"\nresolution = [16, 32]\nframes = 13\n'
+                                       'mask_dropout = 0.5\nbackground_dropout = 0.5\ncache_latents = true\n')
+    (root / "a3.toml").write_text(f"""
+output_dir = "run"
+dataset = "dataset.toml"
+max_steps = 16
+save_every_n_steps = 16
+[model]
+ckpt_path = "{tiny_a2}"
+dtype = "float32"
+transformer_dtype = "float32"
+[adapter]
+type = "lora"
+rank = 4
+alpha = 4
+target_modules = ["blocks.*.attn2.add_k_proj", "blocks.*.cross_attn.v_img"]
+[optimizer]
+type = "adamw"
+lr = 2e-2
+[checkpoint]
+export_dtype = "fp32"
+""")
+    cfg = load_config(root / "a3.toml", ["data.num_workers=0"])
+    trainers = []
+    original_init = MultiReferenceTrainer.__init__
+
+    def keep(self, *args):
+        original_init(self, *args)
+        trainers.append(self)
+    MultiReferenceTrainer.__init__ = keep
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = train(cfg, cfg.output_dir)
+    finally:
+        MultiReferenceTrainer.__init__ = original_init
+        torch.set_num_threads(threads)
+    return SimpleNamespace(root=root, cfg=cfg, history=history, trainer=trainers[0],
+                           export=Path(cfg.output_dir) / "checkpoints" / "step_000016")
+
+
+def test_a3_toml_maps_onto_the_shared_config(a3_run):
+    cfg = a3_run.cfg
+    assert cfg.trainer == "multiref" and cfg.output_dir == str(a3_run.root / "run")
+    assert list(cfg.lora.targets) == ["blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"]
+    assert (cfg.lora.rank, cfg.data.num_frames, cfg.data.height, cfg.data.width) == (4, 13, 16, 32)
+    assert cfg.multiref.mask_dropout == 0.5 and cfg.model.checkpoint.endswith("transformer")
+
+
+def test_a3_bad_toml_keys_fail_with_clear_errors(a3_run, tmp_path):
+    from trainers.config import ConfigError, load_config
+
+    text = (a3_run.root / "a3.toml").read_text().replace('dataset = "dataset.toml"',
+                                                        f'dataset = "{a3_run.root / "dataset.toml"}"')
+    for old, new, message in [('type = "lora"', 'type = "lokr"', "adapter.type must be 'lora'"),
+                              ('transformer_dtype = "float32"', 'transformer_dtype = "float8"', "wan.fp8"),
+                              ('max_steps = 16', 'epochs = 3', "unknown key(s) ['epochs']")]:
+        path = tmp_path / "bad.toml"
+        path.write_text(text.replace(old, new))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+
+
+def test_a3_lora_run_lowers_the_loss_and_changes_only_lora_weights(a3_run, caplog):
+    from trainers.data import collate
+    from wan.lora import set_lora_scale
+
+    trainer = a3_run.trainer
+    assert len(a3_run.history) == 16 and all(np.isfinite([r["loss"] for r in a3_run.history]))
+    dataset = trainer.dataset()
+    assert dataset.names == ["000", "001", "002"]  # 003 (no video, no object) was reported and skipped
+    assert sorted(p.name for p in dataset.cache_dir.glob("*.safetensors")) == [f"{i:03d}.safetensors" for i in range(3)]
+    batch = collate([dataset[(i, 0)] for i in range(3)])
+    assert "latents_11" in batch  # read back from the latent cache
+
+    def mean_loss():
+        with torch.no_grad():
+            return np.mean([trainer.loss(batch, torch.Generator().manual_seed(s))[0].item() for s in range(6)])
+    trained = mean_loss()
+    set_lora_scale(trainer.dit_model, 0.0)  # lora_B starts at zero: scale 0 is the model before training
+    initial = mean_loss()
+    set_lora_scale(trainer.dit_model, 1.0)
+    assert trained < 0.97 * initial, (trained, initial)
+
+    start = trainer.initial_state()
+    for key, value in trainer.model.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP-sharded in the loop
+        if ".lora_B." in key:
+            assert not torch.equal(value, start[key]), key
+        elif ".lora_A." not in key:
+            assert torch.equal(value, start[key].to(value.dtype)), f"{key} changed"
+
+
+def test_a3_saved_lora_loads_in_diffusers_and_gives_our_output(a3_run, tiny_a2):
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from wan.lora import fuse_lora
+    from wan.model_loading import load_dit
+
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(1, 36, 2, 4, 4, generator=g), torch.tensor([700])
+    text = torch.zeros(1, 512, 32)  # diffusers and A2 split image from text tokens at a fixed 512
+    text[:, :6] = torch.randn(1, 6, 32, generator=g)
+    image_tokens = torch.randn(1, 3 * 5, 32, generator=g)  # 3 references of the tiny CLIP's 5 tokens
+    ours = load_dit(tiny_a2 / "transformer").eval()
+    fuse_lora(ours, a3_run.export / "lora.safetensors")
+    with torch.no_grad():
+        expected = ours(x, t, text, clip_fea=image_tokens)
+        base = WanTransformer3DModel.from_pretrained(tiny_a2 / "transformer").eval()
+        unadapted = base(x, t, text, encoder_hidden_states_image=image_tokens, return_dict=False)[0]
+    assert (expected - unadapted).abs().max() > 1e-3  # the LoRA matters
+    files = {"diffusers": a3_run.export / "lora_diffusers.safetensors",
+             "comfyui": a3_run.export / "lora.safetensors"}
+    for name, path in files.items():
+        transformer = WanTransformer3DModel.from_pretrained(tiny_a2 / "transformer").eval()
+        state = WanImageToVideoPipeline.lora_state_dict(str(path))  # what load_lora_weights reads
+        transformer.load_lora_adapter(state, prefix="transformer", adapter_name="a3")
+        with torch.no_grad():
+            out = transformer(x, t, text, encoder_hidden_states_image=image_tokens, return_dict=False)[0]
+        assert torch.allclose(out, expected, atol=1e-4), f"{name}: {(out - expected).abs().max()}"
