@@ -256,7 +256,6 @@ def write_a3_dataset(folder):
     import imageio
 
     folder.mkdir()
-    rng = np.random.default_rng(0)
     for i in range(3):
         name = f"{i:03d}"
         ramp = np.linspace(0, 255, 48)[None, :, None]

@@ -151,7 +151,7 @@ class MultiReferenceTrainer(DiffusionTrainer):
     @classmethod
     def config_problems(cls, cfg):
         if cfg.data.kind != "videos":
-            yield f"the multiref trainer reads a folder of NNN.mp4 / NNN.txt / NNN_object.png: set data.kind to videos"
+            yield "the multiref trainer reads a folder of NNN.mp4 / NNN.txt / NNN_object.png: set data.kind to videos"
         yield from super().config_problems(cfg)
         m = cfg.multiref
         for key in ("mask_dropout", "background_dropout"):
