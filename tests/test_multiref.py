@@ -273,8 +273,8 @@ def write_a3_dataset(folder):
 @pytest.fixture(scope="module")
 def a3_run(tiny_a2, tmp_path_factory):
     """A tiny A3 LoRA run from a diffusion-pipe style TOML, through the shared loop; keeps the trainer."""
+    import train as train_script
     from trainers.config import load_config
-    from trainers.loop import train
     from trainers.multiref import MultiReferenceTrainer
 
     root = tmp_path_factory.mktemp("a3")
@@ -301,7 +301,6 @@ lr = 2e-2
 [checkpoint]
 export_dtype = "fp32"
 """)
-    cfg = load_config(root / "a3.toml", ["data.num_workers=0"])
     trainers = []
     original_init = MultiReferenceTrainer.__init__
 
@@ -309,10 +308,12 @@ export_dtype = "fp32"
         original_init(self, *args)
         trainers.append(self)
     MultiReferenceTrainer.__init__ = keep
-    try:
-        history = train(cfg, cfg.output_dir)
+    try:  # `train.py --config_path a3.toml`: no --logdir, the run goes to the TOML's output_dir
+        train_script.main(["--config_path", str(root / "a3.toml"), "data.num_workers=0"])
     finally:
         MultiReferenceTrainer.__init__ = original_init
+    cfg = load_config(root / "a3.toml", ["data.num_workers=0"])
+    history = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(root=root, cfg=cfg, history=history, trainer=trainers[0],
                            export=Path(cfg.output_dir) / "checkpoints" / "step_000016")
 
@@ -323,6 +324,26 @@ def test_a3_toml_maps_onto_the_shared_config(a3_run):
     assert list(cfg.lora.targets) == ["blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"]
     assert (cfg.lora.rank, cfg.data.num_frames, cfg.data.height, cfg.data.width) == (4, 13, 16, 32)
     assert cfg.multiref.mask_dropout == 0.5 and cfg.model.checkpoint.endswith("transformer")
+
+
+def test_a3_shipped_config_parses_with_rank_16(a3_run, tmp_path):
+    from trainers.config import load_config
+
+    text = (REPO_ROOT / "configs" / "a3_lora.toml").read_text()
+    text = text.replace('"checkpoints/SkyReels-A2"', f'"{a3_run.cfg.model.checkpoint[:-len("/transformer")]}"')
+    (tmp_path / "a3_dataset.toml").write_text(f'directory = "{a3_run.root / "data"}"\nframes = 13\n')
+    (tmp_path / "a3_lora.toml").write_text(text)
+    cfg = load_config(tmp_path / "a3_lora.toml")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.diffusion.shift, cfg.multiref.background_dropout) == (16, 16, 8.0, 0.3)
+    assert list(cfg.lora.targets) == ["blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"]
+
+
+def test_a3_sample_missing_a_required_file_is_reported_by_name(a3_run, caplog):
+    from trainers.multiref import scan_folder
+
+    with caplog.at_level("WARNING"):
+        assert scan_folder(a3_run.root / "data") == ["000", "001", "002"]
+    assert "skipping sample 003: missing 003.mp4, 003_object.png" in caplog.text
 
 
 def test_a3_bad_toml_keys_fail_with_clear_errors(a3_run, tmp_path):
