@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, randomize, tiny_dit_config
 from golden_kinds import EXT_DIR
 from pipelines.multiref import A2_DEFAULTS
 from pipelines.references import A3_SLOTS, clip_pixels, latent_mask, reference_condition, vae_pixels
-from wan.convert.dit_diffusers import config_from_diffusers, config_to_diffusers, dit_to_diffusers
+from wan.convert.dit_diffusers import config_from_diffusers, config_to_diffusers, dit_from_diffusers, dit_to_diffusers
 from wan.convert.encoders_hf import clip_to_hf
 from wan.configs import get_preset
 from wan.modules.clip import VisionTransformer
@@ -61,6 +61,14 @@ def test_a2_transformer_state_dict_matches_manifest(a2_14B):
     expected = manifest("a2_14B")
     assert shapes(dit_to_diffusers(base_state(a2_14B))) == expected["keys"]
     assert sum(v.numel() for v in base_state(a2_14B).values()) == expected["num_params"]
+
+
+def test_a2_transformer_ignores_the_unused_norm_added_q_key():
+    config = tiny_dit_config("i2v", clip_dim=24)
+    state = dit_to_diffusers(WanModel.from_config(config).state_dict())
+    state["blocks.0.attn2.norm_added_q.weight"] = torch.ones(config["dim"])  # listed, never created, by A2
+    model = WanModel.from_config(config)
+    model.load_state_dict(dit_from_diffusers(state))
 
 
 def test_a2_image_encoder_hf_state_dict_matches_manifest():

@@ -21,6 +21,7 @@ from . import ExtensionTask, register
 
 # A3's three slots take 9 pixel frames: a tiny folder generates 13 (4 frames past the references).
 TINY_FRAME_NUM = 13
+A2_FPS = 15  # the reference's output video
 
 
 def check_folder(folder):
@@ -72,10 +73,10 @@ register(ExtensionTask(
     name="a2", description="SkyReels-A2: video from a subject, an object and a background image",
     fields=tuple(s.name for s in A2_SLOTS), optional=("object", "background"),
     check_folder=check_folder, load=loader(A2_SLOTS, packed=True), make_tiny=make_tiny,
-    defaults=dict(A2_DEFAULTS), fps=16))
+    defaults=dict(A2_DEFAULTS), fps=A2_FPS))
 
 register(ExtensionTask(
     name="a3", description="A3: video from an object, an optional edge/placement mask and an optional background",
     fields=tuple(s.name for s in A3_SLOTS), optional=("mask", "background"),
     check_folder=check_folder, load=loader(A3_SLOTS, packed=False), make_tiny=make_tiny,
-    defaults=dict(A2_DEFAULTS), fps=16))
+    defaults=dict(A2_DEFAULTS), fps=A2_FPS))
