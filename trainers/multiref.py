@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.references import A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frames, vae_pixels
+from pipelines.references import (A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frames, reference_video,
+                                  vae_pixels)
 from wan.checkpoint import read_checkpoint_keys, save_state_dict
 from wan.convert.dit_diffusers import DIT_DIFFUSERS_TABLE
 from wan.convert.encoders_hf import clip_config_from_hf, t5_config_from_hf
@@ -197,12 +198,7 @@ class MultiReferenceTrainer(DiffusionTrainer):
         """Target latents and condition `y` of one raw sample with the slots `keep` [3] bool."""
         vae = self.frozen.vae
         slots = [image if kept else None for image, kept in zip(sample["ref_vae"], keep.tolist())]
-        frames = slot_frame_count(vae.temporal_stride)
-        refs = torch.zeros(3, frames, self.cfg.data.height, self.cfg.data.width)
-        known = torch.zeros(frames)
-        for image, indices in zip(slots, reference_frames(len(slots), temporal_stride=vae.temporal_stride)):
-            if image is not None:
-                refs[:, indices], known[indices] = image[:, None], 1
+        refs, known = reference_video(slots, slot_frame_count(vae.temporal_stride), temporal_stride=vae.temporal_stride)
         target = torch.cat([refs, sample["video"]], dim=1)
         condition = torch.cat([refs, torch.zeros_like(sample["video"])], dim=1)
         latents = vae.encode(torch.stack([target, condition]).to(self.device)).float()
@@ -382,8 +378,9 @@ def config_from_pipe_toml(data, path):
         except ImportError:
             raise ConfigError("model.transformer_dtype = 'float8' needs fp8 weight storage (module wan.fp8), which "
                               "this checkout does not have; use 'bfloat16'") from None
-        raise ConfigError("model.transformer_dtype = 'float8': wan.fp8 is present, but the multiref trainer does "
-                          "not apply it yet; use 'bfloat16'")
+        raise ConfigError("model.transformer_dtype = 'float8': wan.fp8 is present, but the multiref trainer does not "
+                          "store its frozen weights with it yet (the shared loop broadcasts the starting weights, "
+                          "and gloo has no float8); use 'bfloat16'")
     model["frozen_dtype"] = frozen
     if "activation_checkpointing" in data:
         model["gradient_checkpointing"] = bool(data["activation_checkpointing"])
