@@ -23,7 +23,7 @@ from wan.samplers import get_sampler
 
 from .loading import load_components, resolve_preset
 from .references import (A2_SLOTS, A3_SLOTS, clip_pixels, compact, encode_posterior, load_rgb,
-                         reference_condition, reference_frames, vae_pixels)
+                         reference_condition, reference_frame_count, vae_pixels)
 from .validation import InvalidInput
 from .video_io import write_frames
 from .wan_video import SampleSettings
@@ -105,7 +105,8 @@ class MultiReferencePipeline:
     @torch.no_grad()
     def generate(self, prompts, references, settings=None, progress=True):
         """prompts: B prompts; references: per prompt, one uint8 image or None per slot. Prompt i
-        uses seed `settings.seed + i`. Returns B videos [3, F, H, W] in [-1, 1] (CPU, float32), the reference frames dropped."""
+        uses seed `settings.seed + i`. Returns B videos [3, F, H, W] in [-1, 1] (CPU, float32) without
+        their reference frames."""
         if len(prompts) != len(references):
             raise InvalidInput(f"{len(prompts)} prompts but {len(references)} reference sets")
         if any(not p or not p.strip() for p in prompts):
@@ -114,10 +115,10 @@ class MultiReferencePipeline:
         width, height = (int(v) for v in settings.size.split("*"))
         vae, batch = self.components.vae, len(prompts)
         encoded = [self.encode_references(r, height, width) for r in references]
-        num_slots = [len(images) for _, images in encoded]
-        needed = max(reference_frames(n, temporal_stride=vae.temporal_stride)[-1][-1] + 1 for n in num_slots)
+        skipped = [reference_frame_count(len(images), temporal_stride=vae.temporal_stride) for _, images in encoded]
+        needed = max(skipped)
         if settings.frame_num <= needed:
-            raise InvalidInput(f"{max(num_slots)} reference slots take {needed} frames; frame_num must be larger "
+            raise InvalidInput(f"the reference slots take {needed} frames; frame_num must be larger "
                                f"(4n + 1), got {settings.frame_num}")
         latent_frames = (settings.frame_num - 1) // vae.temporal_stride + 1
         shape = (1, vae.z_dim, latent_frames, height // vae.spatial_stride, width // vae.spatial_stride)
@@ -140,10 +141,10 @@ class MultiReferencePipeline:
             pred = self.dit(latent.repeat(2, 1, 1, 1, 1), t.reshape(1).expand(2 * batch).to(self.device), text,
                             clip_fea=tokens.repeat(2), y=y.repeat(2, 1, 1, 1, 1))
             pred_cond, pred_uncond = pred.chunk(2)
+            # the solvers used here are deterministic; a stochastic one would draw from prompt 0's generator
             latent = sampler.step(pred_uncond + guide * (pred_cond - pred_uncond), i, latent, generator=generators[0])
         video = vae.decode(latent.to(vae.device)).cpu()
-        return [v[:, reference_frames(n, temporal_stride=vae.temporal_stride)[-1][-1] + 1:]
-                for v, n in zip(video, num_slots)]
+        return [v[:, skip:] for v, skip in zip(video, skipped)]
 
     def run(self, job, settings, seed, writer):
         """One prompt-file job (see `pipelines.extensions.ExtensionTask.load`)."""

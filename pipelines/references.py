@@ -103,6 +103,11 @@ def reference_frames(num_slots, repeat=True, temporal_stride=4):
     return [[0]] + [list(range(1 + temporal_stride * (i - 1), 1 + temporal_stride * i)) for i in range(1, num_slots)]
 
 
+def reference_frame_count(num_slots, repeat=True, temporal_stride=4):
+    """Pixel frames the slots take at the start of the clip (1, 5, 9 with `repeat`)."""
+    return reference_frames(num_slots, repeat, temporal_stride)[-1][-1] + 1
+
+
 def reference_video(references, num_frames, repeat=True, temporal_stride=4):
     """references: one [3, H, W] in [-1, 1] or None (absent) per slot, in slot order.
     Returns the pixel clip [3, num_frames, H, W] (zeros, i.e. mid-grey, where nothing is given) and
@@ -111,7 +116,7 @@ def reference_video(references, num_frames, repeat=True, temporal_stride=4):
     if not given:
         raise ValueError("at least one reference image is needed")
     frames = reference_frames(len(references), repeat, temporal_stride)
-    if frames[-1][-1] >= num_frames:
+    if reference_frame_count(len(references), repeat, temporal_stride) > num_frames:
         raise ValueError(f"{len(references)} reference slots take {frames[-1][-1] + 1} frames; "
                          f"the video has only {num_frames} (use more frames)")
     video = torch.zeros(3, num_frames, *given[0].shape[1:])

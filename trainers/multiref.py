@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.references import (A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frames, reference_video,
-                                  vae_pixels)
+from pipelines.references import (A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frame_count,
+                                  reference_video, vae_pixels)
 from wan.checkpoint import read_checkpoint_keys, save_state_dict
 from wan.convert.dit_diffusers import DIT_DIFFUSERS_TABLE
 from wan.convert.encoders_hf import clip_config_from_hf, t5_config_from_hf
@@ -60,7 +60,7 @@ def pattern_key(name, mask, background):
 
 def slot_frame_count(temporal_stride=4):
     """Pixel frames the A3 slots take at the start of every clip (9)."""
-    return reference_frames(len(A3_SLOTS), temporal_stride=temporal_stride)[-1][-1] + 1
+    return reference_frame_count(len(A3_SLOTS), temporal_stride=temporal_stride)
 
 
 # -- data --------------------------------------------------------------------------------------------
