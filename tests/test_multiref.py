@@ -354,6 +354,14 @@ def test_a3_sample_missing_a_required_file_is_reported_by_name(a3_run, caplog):
     assert "skipping sample 003: missing 003.mp4, 003_object.png" in caplog.text
 
 
+def test_a3_cache_latents_script_points_to_the_trainer_cache(a3_run):
+    from scripts.cache_latents import cache_latents
+    from trainers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cache_latents = true in the dataset TOML"):
+        cache_latents(a3_run.cfg, a3_run.root / "elsewhere")
+
+
 def test_a3_bad_toml_keys_fail_with_clear_errors(a3_run, tmp_path):
     from trainers.config import ConfigError, load_config
 
