@@ -259,6 +259,27 @@ def test_a3_dropout_rates_match_the_config():
     assert abs((~kept[:, 2]).float().mean().item() - 0.6) < 0.03
 
 
+def test_a3_training_inputs_follow_the_drawn_dropout(a3_run):
+    """On the cached samples (object only; + mask; + mask + background; both rates 0.5): the observed
+    drop rates match the config, and a dropped slot takes its CLIP tokens and its latent frame away."""
+    from trainers.data import collate
+
+    trainer = a3_run.trainer
+    dataset = trainer.dataset()
+    batch = collate([dataset[(i, 0)] for i in range(3)])
+    tokens_per_slot = batch["clip_object"].shape[1]
+    dropped = np.zeros(2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        inputs, rates = trainer.prepare(batch, generator)
+        dropped += [rates["mask_dropped"], rates["background_dropped"]]
+        known = inputs["y"][:, :4].amax(dim=(1, 3, 4))[:, :3] > 0  # [B, slot]: latent frame known
+        assert torch.equal(inputs["clip_fea"].lengths, known.sum(1) * tokens_per_slot)
+        assert known[:, 0].all() and not known[0, 1:].any() and not known[1, 2]
+    # 2 of 3 samples have a mask, 1 of 3 a background, each dropped with probability 0.5
+    assert abs(dropped[0] / 300 - 0.5 * 2 / 3) < 0.06 and abs(dropped[1] / 300 - 0.5 / 3) < 0.05
+
+
 def write_a3_dataset(folder):
     """3 complete samples (object only; + mask; + mask + background) and one missing its video and object."""
     import imageio
