@@ -280,6 +280,23 @@ def test_a3_training_inputs_follow_the_drawn_dropout(a3_run):
     assert abs(dropped[0] / 300 - 0.5 * 2 / 3) < 0.06 and abs(dropped[1] / 300 - 0.5 / 3) < 0.05
 
 
+def test_a3_latent_cache_equals_online_encoding(a3_run):
+    from trainers.data import collate
+    from trainers.multiref import ReferenceVideoDataset
+
+    trainer, cfg = a3_run.trainer, a3_run.cfg
+    cached = trainer.dataset()
+    raw = ReferenceVideoDataset(cfg.data.path, cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height,
+                                cfg.data.width, cached.clip_size, cfg.seed, cache_dir=None)
+    for seed in range(3):  # the same draws give the same drop patterns
+        online, _ = trainer.prepare(collate([raw[(i, 0)] for i in range(3)]), torch.Generator().manual_seed(seed))
+        stored, _ = trainer.prepare(collate([cached[(i, 0)] for i in range(3)]), torch.Generator().manual_seed(seed))
+        for key in ("latents", "y"):
+            assert torch.allclose(online[key], stored[key], atol=1e-5), key
+        assert torch.allclose(online["clip_fea"].tokens, stored["clip_fea"].tokens, atol=1e-5)
+        assert all(torch.allclose(a, b) for a, b in zip(online["context"], stored["context"]))
+
+
 def write_a3_dataset(folder):
     """3 complete samples (object only; + mask; + mask + background) and one missing its video and object."""
     import imageio

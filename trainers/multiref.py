@@ -12,9 +12,9 @@ The training clip is laid out as at inference: the 3 reference slots take the fi
 whole clip is the target; the condition `y` holds the encoded reference frames with the mask.
 Reference latents are the posterior mean (deterministic, so they can be cached).
 
-Latent caching (`multiref.cache_latents`): the first time a sample is seen, its latents for the four
-drop patterns, its text context and its CLIP tokens are saved beside the data
-(`<folder>/latent_cache_<H>x<W>x<frames>/NNN.safetensors`), and later epochs read them.
+Latent caching (`multiref.cache_latents`): before training, each sample not cached yet is encoded once
+(its latents for the four drop patterns, its text context and its CLIP tokens) into
+`<folder>/latent_cache_<H>x<W>x<frames>/NNN.safetensors`; training then reads only the cache.
 
 Configs: the shared YAML/TOML schema with `trainer: multiref`, or a diffusion-pipe style TOML
 (`output_dir`, `dataset = '<dataset>.toml'`, `[model]`, `[adapter]`, `[optimizer]`) that
@@ -30,6 +30,8 @@ import tomllib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from pipelines.references import (A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frame_count,
                                   reference_video, vae_pixels)
@@ -176,12 +178,30 @@ class MultiReferenceTrainer(DiffusionTrainer):
         return self.frozen.modules()
 
     def dataset(self):
-        """The loop's dataset (instead of `trainers.data.build_dataset`)."""
+        """The loop's dataset (instead of `trainers.data.build_dataset`); with latent caching, every
+        sample is encoded first, so that batches are all cached."""
         data, cache = self.cfg.data, self.cache_dir()
+        dataset = ReferenceVideoDataset(data.path, data.num_frames, data.frame_stride, data.height, data.width,
+                                        self.frozen.clip.model.image_size, self.cfg.seed, cache)
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
-        return ReferenceVideoDataset(data.path, data.num_frames, data.frame_stride, data.height, data.width,
-                                     self.frozen.clip.model.image_size, self.cfg.seed, cache)
+            self.fill_cache(dataset)
+        return dataset
+
+    def fill_cache(self, dataset):
+        """Encodes the samples not cached yet, each process its share; unreadable ones are reported."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        todo = [i for i in range(rank, len(dataset), world) if not dataset.cache_path(dataset.names[i]).exists()]
+        for index in tqdm(todo, desc="caching latents", disable=not todo):
+            try:
+                sample = dataset.load(index, epoch=0)
+            except Exception as e:  # any decoding error: report, the loader skips it later
+                log.warning("not caching unreadable sample %s: %s: %s", dataset.describe(index), type(e).__name__, e)
+                continue
+            self.cache_sample(sample, dataset.cache_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        log.info("latent cache %s: %d sample(s) encoded now", dataset.cache_dir, len(todo))
 
     def export(self, state, folder, suffix=""):
         """Also writes the LoRA under diffusers' module names (`lora_diffusers*.safetensors`), which diffusers'
@@ -216,24 +236,20 @@ class MultiReferenceTrainer(DiffusionTrainer):
         return shared
 
     def cache_sample(self, sample, dataset_cache):
-        """Encodes all four drop patterns of a raw sample, saves them, and returns the cached form."""
+        """Encodes all four drop patterns of a raw sample and saves them."""
         cached = {**self.encode_shared(sample), "present": sample["present"]}
         for mask, background in PATTERNS:
             keep = sample["present"] & torch.tensor([True, bool(mask), bool(background)])
             cached[pattern_key("latents", mask, background)], cached[pattern_key("y", mask, background)] = \
                 self.encode_pattern(sample, keep)
         save_state_dict({k: v.cpu().contiguous() for k, v in cached.items()}, dataset_cache / f"{sample['name']}.safetensors")
-        return cached
 
     def prepare(self, batch, generator):
         """A batch (raw or cached) -> the base trainer's inputs, with this step's dropout drawn from `generator`."""
         samples = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["name"]))]
         keep = draw_dropout(batch["present"], self.options.mask_dropout, self.options.background_dropout, generator)
-        cache = self.cache_dir()
         latents, ys, contexts, tokens = [], [], [], []
         for sample, kept in zip(samples, keep):
-            if "context" not in sample and cache is not None:
-                sample = {**self.cache_sample(sample, cache), "name": sample["name"]}
             if "context" in sample:  # cached: pick the drop pattern
                 kept_mask, kept_background = int(kept[1]), int(kept[2])
                 latent = sample[pattern_key("latents", kept_mask, kept_background)]
