@@ -288,7 +288,7 @@ def test_a3_latent_cache_equals_online_encoding(a3_run):
     cached = trainer.dataset()
     raw = ReferenceVideoDataset(cfg.data.path, cfg.data.num_frames, cfg.data.frame_stride, cfg.data.height,
                                 cfg.data.width, cached.clip_size, cfg.seed, cache_dir=None)
-    for seed in range(3):  # the same draws give the same drop patterns
+    for seed in range(2):  # the same draws give the same drop patterns
         online, _ = trainer.prepare(collate([raw[(i, 0)] for i in range(3)]), torch.Generator().manual_seed(seed))
         stored, _ = trainer.prepare(collate([cached[(i, 0)] for i in range(3)]), torch.Generator().manual_seed(seed))
         for key in ("latents", "y"):
