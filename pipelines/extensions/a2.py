@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from wan.checkpoint import read_state_dict, save_state_dict
 
 from ..folder_convert import official_to_diffusers
@@ -62,8 +64,6 @@ def make_tiny(folder, seed=0):
 
 def loader(slots, packed):
     def load(folder, args, config):
-        import torch
-
         dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
         return MultiReferencePipeline.from_folder(folder, slots, packed, device=args.device, dtype=dtype)
     return load
