@@ -26,14 +26,8 @@ from wan.modules.multiref import MultiReferenceDiT, ReferenceTokens
 
 A2_MANIFESTS = EXT_DIR / "a2" / "manifests"
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and a busy machine slows multi-threaded ones badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def manifest(name):
