@@ -103,3 +103,17 @@ def load_unianimate(dit, encoder, sources, lora_scale=1.0):
     rank = next(v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight"))
     log.info("merged the UniAnimate LoRA (rank %d, scale %s) into %d DiT modules", rank, lora_scale, len(names))
     return names
+
+
+# The modules UniAnimate-DiT trains a LoRA on (peft target_modules q, k, v, o, ffn.0, ffn.2): not the
+# CLIP branch's k_img / v_img.
+UNIANIMATE_LORA_TARGETS = ("blocks.*.self_attn.[qkvo]", "blocks.*.cross_attn.[qkvo]", "blocks.*.ffn.[02]")
+
+
+def unianimate_state(encoder, dit=None):
+    """A `PoseEncoder`'s weights and the LoRA of `dit` (injected with `wan.lora.inject_lora`) in the
+    released checkpoint's layout."""
+    state = dict(encoder.state_dict())
+    if dit is not None:
+        state.update({k: v for k, v in dit.state_dict().items() if ".lora_" in k})
+    return UNIANIMATE_TABLE.to_target(state)
