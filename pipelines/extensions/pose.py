@@ -90,7 +90,7 @@ def load(folder, args, config, causal=False):
 
 def make_tiny(folder, seed=0):
     """A tiny Wan2.1 I2V folder plus pose weights in the released layout (pose CNNs with the release's
-    5120-wide tokens, a rank-4 LoRA with non-zero B) and the tiny DiT's pose_proj."""
+    5120-wide tokens, a rank-4 LoRA with non-zero B) and the tiny DiT's pose_proj, all random."""
     folder = Path(folder)
     make_tiny_checkpoint("i2v", folder, seed)
     dit = load_dit(folder / "diffusion_pytorch_model.safetensors")
@@ -101,6 +101,9 @@ def make_tiny(folder, seed=0):
         for name, p in dit.named_parameters():
             if ".lora_B." in name:
                 p.normal_(std=0.05)
+        for conv in encoder.modules():
+            if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                conv.weight.mul_(4)  # the default init is bias-dominated: no pose would get through the SiLUs
     save_state_dict(unianimate_state(encoder, dit), folder / TINY_POSE_FILE)
     return folder
 
