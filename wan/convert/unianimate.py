@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_state_dict, read_state_dict
-from ..lora import fuse_lora
+from ..lora import fuse_lora, read_lora
 from .keymap import KeyTable
 
 log = logging.getLogger(__name__)
@@ -117,3 +117,14 @@ def unianimate_state(encoder, dit=None):
     if dit is not None:
         state.update({k: v for k, v in dit.state_dict().items() if ".lora_" in k})
     return UNIANIMATE_TABLE.to_target(state)
+
+
+def merge_lora_state(state, lora, prefix=""):
+    """Adds a LoRA (tensor dict in `wan.lora` names) into the base weights of a state dict, as
+    `fuse_lora` does into a model: W += alpha / rank * B @ A (1 x B @ A for the release)."""
+    for module, (a, b, alpha) in read_lora(lora).items():
+        key = f"{prefix}{module}.weight"
+        if key not in state:
+            raise CheckpointError(f"LoRA module {module} has no base weight {key} in the DiT")
+        state[key] = (state[key].float() + (b.float() @ a.float()) * (alpha / a.shape[0])).to(state[key].dtype)
+    return state
