@@ -348,3 +348,14 @@ def test_pose_trainer_learns_pose_proj_and_exports(tmp_path):
         errors = [(model(xt, sigma * 1000, context, pose_video=pose_video, keep=torch.full((8,), keep))
                    - (noise - x0)).square().mean().item() for keep in (1.0, 0.0)]
     assert errors[0] < 0.9 * errors[1], errors
+
+
+@pytest.mark.parametrize("name", ["pose_1.3B_proj.yaml", "pose_i2v_14B_lora.yaml"])
+def test_pose_shipped_training_configs_validate(name, tmp_path):
+    from trainers.config import ConfigError, load_config
+
+    overrides = [f"data.path={tmp_path}", "model.checkpoint=null", "pose.weights=[]"]
+    cfg = load_config(REPO_ROOT / "configs" / name, overrides, world_size=8)
+    assert cfg.trainer == "pose" and cfg.pose.train_cnn
+    with pytest.raises(ConfigError, match="set causal.enabled false"):
+        load_config(REPO_ROOT / "configs" / name, overrides + ["causal.enabled=true"], world_size=8)
