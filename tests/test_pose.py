@@ -212,6 +212,26 @@ def test_pose_cached_blocks_equal_block_causal_forward(posed):
     torch.testing.assert_close(torch.cat(blocks, dim=2), expected, rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_pose_trainer_model_equals_the_inference_conditioning(posed):
+    """The trained module adds the same reference-pose features to y and pose tokens as the pipelines;
+    a dropped sample (keep 0) gets neither."""
+    from trainers.pose import PoseConditionedWan
+
+    dit, encoder, x, context = posed["dit"], posed["encoder"], posed["x"], posed["context"]
+    g = torch.Generator().manual_seed(7)
+    y, ref_pose = torch.randn(1, 20, 6, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    t, clip_fea = torch.tensor([300.0]), posed["clip_fea"]
+    model = PoseConditionedWan(dit, encoder)
+    for keep, expected in (
+            (1.0, dit(x, t, context, y=encoder.condition_y(y, ref_pose), clip_fea=clip_fea,
+                      add_condition=encoder.pose_tokens(posed["pose_video"]))),
+            (0.0, dit(x, t, context, y=y, clip_fea=clip_fea))):
+        out = model(torch.cat([x, y], 1), t, context, clip_fea, pose_video=posed["pose_video"], ref_pose=ref_pose,
+                    keep=torch.tensor([keep]))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 # -- preprocessing and the pipelines, end to end ------------------------------------------------------
 
 def write_pose_folder(folder, shift, frames=7, size=64):

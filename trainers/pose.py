@@ -45,9 +45,9 @@ class PoseConditionedWan(nn.Module):
         tokens = self.pose.pose_tokens(pose_video)
         if keep is not None:
             tokens = tokens * keep[:, None, None].to(tokens.dtype)
-        if ref_pose is not None:
+        if ref_pose is not None:  # [B, Cy, 1, h, w], the same for every frame
             channels = self.dit.out_dim
-            features = self.pose.condition_y(torch.zeros_like(x[:, channels:]), ref_pose)
+            features = self.pose.randomref_embedding_pose(ref_pose).to(x.dtype)
             if keep is not None:
                 features = features * keep[:, None, None, None, None].to(features.dtype)
             x = torch.cat([x[:, :channels], x[:, channels:] + features], dim=1)
@@ -95,6 +95,9 @@ class PoseTrainer(DiffusionTrainer):
             fresh = {k: v for k, v in pose.state_dict().items() if k.startswith("pose_proj.") and k not in files}
             load_pose_encoder(pose, {**fresh, **files}, source=", ".join(weights))
             merge_lora_state(state, lora, prefix=self.prefix)
+        if not self.lora and not self.cfg.pose.train_dit:  # stored as the frozen DiT is
+            frozen = DTYPES[self.cfg.model.frozen_dtype]
+            state = {k: v.to(frozen) if v.is_floating_point() else v for k, v in state.items()}
         state.update({f"pose.{k}": v for k, v in pose.state_dict().items()})
         return state
 
