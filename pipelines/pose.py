@@ -160,7 +160,7 @@ class PosePipeline:
         pose_tokens = inputs.pop("add_condition")
         context, negative = self._context(prompt, settings.negative_prompt, guide)
         frames = (pose_video.shape[1] - 1) // vae.temporal_stride + 1
-        shape = (dit.out_dim, frames, pose_video.shape[2] // vae.spatial_stride, pose_video.shape[3] // vae.spatial_stride)
+        shape = (dit.out_dim, frames, *(s // vae.spatial_stride for s in pose_video.shape[2:]))
         generator = torch.Generator().manual_seed(settings.seed)  # CPU noise: the same on every device
         latent = torch.randn(shape, generator=generator).to(self.device)
         sampler = get_sampler(settings.sample_solver, num_steps=settings.sample_steps, shift=settings.sample_shift,

@@ -308,7 +308,8 @@ def test_pose_bidirectional_generation_end_to_end(tiny_pose, tmp_path):
     prompts.write_text(f"{root / 'ref.png'}\t{poses[0]}\ta person is dancing\n")
     out = tmp_path / "out"
     assert inference.main(["--task", "pose", "--checkpoint_dir", str(root / "ckpt"), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--sample_steps", "2", "--frame_num", "5", "--device", "cpu"]) == 0
+                           "--output_folder", str(out), "--sample_steps", "2", "--frame_num", "5",
+                           "--device", "cpu"]) == 0
     sidecar = json.loads(next(out.glob("*.json")).read_text())
     assert sidecar["frames"] == 5 and sidecar["guide_scale"] == [1.5, 1.5] and sidecar["sample_solver"] == "euler"
     assert next(out.glob("*.mp4")).stat().st_size > 0
@@ -347,7 +348,8 @@ def test_pose_trainer_learns_pose_proj_and_exports(tmp_path):
     cfg = load_config(REPO_ROOT / "configs" / "tests" / "tiny_t2v.yaml", [
         "trainer=pose", f"data.path={data}", f"model.checkpoint={tmp_path / 'dit'}", "model.preset=null",
         "model.frozen_dtype=fp32", "train.max_steps=12", "checkpoint.every=12", "train.ema_weight=null",
-        "train.total_batch_size=2", "model.gradient_checkpointing=false", "optimizer.lr=3e-2", f"pose.pose_dim={POSE_DIM}", "pose.condition_dropout=0.0"])
+        "train.total_batch_size=2", "model.gradient_checkpointing=false", "optimizer.lr=3e-2",
+        f"pose.pose_dim={POSE_DIM}", "pose.condition_dropout=0.0"])
     train(cfg, tmp_path / "run")
     final = tmp_path / "run" / "checkpoints" / "step_000012"
     assert sorted(p.name for p in final.glob("*.safetensors")) == ["pose.safetensors"]  # the DiT stayed frozen

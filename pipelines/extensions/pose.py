@@ -82,7 +82,8 @@ def load(folder, args, config, causal=False):
     if not causal:
         return PosePipeline(components, encoder, args.device, vae_tiling=args.vae_tiling)
     model = causal_model_from_config(dit, {
-        "num_frame_per_block": options["num_frame_per_block"], "independent_first_frame": options["independent_first_frame"],
+        "num_frame_per_block": options["num_frame_per_block"],
+        "independent_first_frame": options["independent_first_frame"],
         "model_kwargs": {"local_attn_size": options["local_attn_size"], "sink_size": options["sink_size"]}})
     sampling = {k: options[k] for k in ("denoising_step_list", "context_noise") if options[k] is not None}
     return PosePipeline(components, encoder, args.device, model, sampling, vae_tiling=args.vae_tiling)
