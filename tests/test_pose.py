@@ -15,6 +15,7 @@ from pipelines.causal import CausalPipeline
 from pipelines.extensions import extension_tasks
 from pipelines.pose import load_pose_inputs
 from pipelines.prompt_file import PromptJob
+from pipelines.validation import InvalidInput
 from pipelines.wan_video import SampleSettings
 from wan.checkpoint import CheckpointError, save_state_dict
 from wan.configs import get_preset
@@ -256,6 +257,26 @@ def test_pose_preprocessing_repeats_last_frame_and_reads_reference_pose(tmp_path
     assert torch.equal(video[:, 7], video[:, 6]) and torch.equal(video[:, 8], video[:, 6])
     assert not torch.equal(video[:, 5], video[:, 6])
     torch.testing.assert_close(ref, torch.full_like(ref, 60 / 255), rtol=0, atol=2 / 255)
+
+
+def test_pose_preprocessing_reads_mp4_with_its_reference_pose(tmp_path):
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    frames = np.zeros((3, 32, 48, 3), np.uint8)
+    for i in range(3):
+        frames[i, 4 + 8 * i:12 + 8 * i, 8:40] = 255
+    imageio.mimwrite(tmp_path / "dance.mp4", frames, fps=8, macro_block_size=1)
+    Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(tmp_path / "dance_pose.png")
+    video, ref = load_pose_inputs(tmp_path / "dance.mp4", 5, 32, 48)
+    assert video.shape == (3, 5, 32, 48)
+    torch.testing.assert_close(video[:, :3].mean((0, 3)), torch.from_numpy(frames).float().mean((2, 3)) / 255,
+                               rtol=0, atol=0.1)  # the bars' rows, through H.264
+    assert torch.equal(video[:, 4], video[:, 2])
+    torch.testing.assert_close(ref, torch.full_like(ref, 200 / 255), rtol=0, atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="holds no pose frames"):
+        load_pose_inputs(tmp_path / "empty", 5, 32, 48)
 
 
 @pytest.fixture(scope="module")
