@@ -24,3 +24,119 @@ def test_s2v_rejects_unreleased_configurations():
         WanS2VModel.from_config(s2v_config(enable_motioner=True, num_layers=1, dim=32, num_heads=2))
     with pytest.raises(ValueError, match="outside the 2 blocks"):
         WanS2VModel.from_config(s2v_config(audio_inject_layers=[0, 5], num_layers=2, dim=32, num_heads=2))
+
+
+def _tiny_s2v(seed=0):
+    from conftest import randomize
+
+    config = s2v_config(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8,
+                        audio_dim=8, audio_inject_layers=(1,))
+    return randomize(WanS2VModel.from_config(config), std=0.2, seed=seed).eval()
+
+
+def test_s2v_no_pose_equals_zero_pose_latents_and_audio_matters():
+    model = _tiny_s2v()
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 16, 1, 8, 8, generator=g)
+    audio, context = torch.randn(1, 25, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g)
+    motion = torch.randn(1, 16, 19, 8, 8, generator=g)
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        out = model(x, t, context, ref_latents=ref, audio=audio, motion_latents=motion)
+        zero_pose = model(x, t, context, ref_latents=ref, audio=audio, motion_latents=motion,
+                          cond=torch.zeros(1, 16, 2, 8, 8))
+        silent = model(x, t, context, ref_latents=ref, audio=0 * audio, motion_latents=motion)
+        no_motion = model(x, t, context, ref_latents=ref, audio=audio, drop_motion=True)
+    assert (out - zero_pose).abs().max() < 1e-5
+    assert (out - silent).abs().max() > 1e-2 and (out - no_motion).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="4 audio frames per latent frame"):
+        model(x, t, context, ref_latents=ref, audio=audio[..., :6], motion_latents=motion)
+
+
+def test_s2v_clip_plan_covers_the_audio():
+    from pipelines.s2v import clip_plan, video_size
+
+    # the first clip gives 3 frames fewer (decoded behind the reference latent)
+    assert [clip_plan(n, 80) for n in (1, 77, 78, 157, 158)] == [1, 1, 2, 2, 3]
+    assert video_size(720, 1280, 1280 * 720) == (704, 1280)   # sides in multiples of 64, area <= max
+    assert video_size(100, 80, 1280 * 720) == (128, 128)       # small images are not upscaled before rounding
+
+
+# -- tiny end to end ----------------------------------------------------------------------------
+
+def tone(seconds, rate=16000):
+    t = torch.arange(int(round(seconds * rate))) / rate
+    return 0.5 * torch.sin(2 * torch.pi * 220 * t) * torch.sin(2 * torch.pi * 3 * t)
+
+
+@pytest.fixture(scope="module")
+def tiny_s2v_folder(tmp_path_factory):
+    from pipelines.extensions.s2v import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("s2v") / "ckpt", seed=0)
+
+
+def test_s2v_inference_any_audio_length_gives_video_of_that_length_with_sound(tiny_s2v_folder, tmp_path,
+                                                                           monkeypatch):
+    """0.5 s of audio (one clip) and 1.2 s (two clips): mp4s of 8 and 19 frames at 16 fps with the audio
+    muxed in. Clip 0 has no motion tokens; clip 1 gets the VAE latents of the 73-frame buffer ending in
+    clip 0's frames; the audio windows are consecutive and shifted so that video frame k gets audio frame k."""
+    import imageio
+    import numpy as np
+    from PIL import Image
+
+    import inference
+    from pipelines.s2v import FIRST_CLIP_DROP, S2VPipeline
+    from pipelines.s2v_features import features_per_frame, to_feature_rate
+    from wan.audio import load_audio, probe_streams, save_wav
+    from wan.modules.s2v import MOTION_FRAMES
+
+    calls, encodes, clips, features = [], [], [], []
+    forward, encode, generate = WanS2VModel.forward, S2VPipeline._encode, S2VPipeline.generate
+
+    def recording_forward(self, *args, **kwargs):
+        calls.append(kwargs)
+        return forward(self, *args, **kwargs)
+
+    def recording_encode(self, video):
+        encodes.append((video, encode(self, video)))
+        return encodes[-1][1]
+
+    def recording_generate(self, prompt, image, waveform, *args, **kwargs):
+        features.append(to_feature_rate(self.audio_encoder(waveform)))
+        for clip in generate(self, prompt, image, waveform, *args, **kwargs):
+            clips.append(clip)
+            yield clip
+
+    monkeypatch.setattr(WanS2VModel, "forward", recording_forward)
+    monkeypatch.setattr(S2VPipeline, "_encode", recording_encode)
+    monkeypatch.setattr(S2VPipeline, "generate", recording_generate)
+
+    Image.fromarray((np.random.RandomState(0).rand(80, 64, 3) * 255).astype(np.uint8)).save(tmp_path / "face.png")
+    save_wav(tmp_path / "short.wav", tone(0.5))
+    save_wav(tmp_path / "long.wav", tone(1.2))
+    (tmp_path / "prompts.txt").write_text("face.png\tshort.wav\ta cat talking\nface.png\tlong.wav\ta dog singing\n")
+    out = tmp_path / "out"
+    assert inference.main(["--task", "s2v", "--checkpoint_dir", str(tiny_s2v_folder), "--data_path",
+                           str(tmp_path / "prompts.txt"), "--output_folder", str(out)]) == 0
+    for stem, frames in (("000_a_cat_talking", 8), ("001_a_dog_singing", 19)):
+        sidecar = json.loads((out / f"{stem}.json").read_text())
+        assert sidecar["frames"] == frames and sidecar["fps"] == 16 and (sidecar["height"], sidecar["width"]) == (64, 64)
+        assert probe_streams(out / f"{stem}.mp4") == ["Video", "Audio"]
+        with imageio.get_reader(out / f"{stem}.mp4") as reader:
+            assert reader.count_frames() == frames
+        assert abs(len(load_audio(out / f"{stem}.mp4")) - frames * 1000) < 1200  # 1000 samples per frame
+
+    # tiny folder: 12 frames per clip, 2 steps; clip 0 gives 9 frames, so 1.2 s (19 frames) takes 2 clips
+    assert [c.shape[1] for c in clips] == [8, 9, 10]
+    long_calls = calls[2:]
+    assert [c["drop_motion"] for c in calls] == [True] * 4 + [False] * 2
+    assert all(c["motion_latents"] is None for c in calls[:4])
+    buffer, motion_latents = encodes[-1]  # the buffer encoded after clip 0 of the long audio
+    assert torch.equal(buffer, torch.cat([torch.zeros(3, MOTION_FRAMES - 9, 64, 64), clips[1]], dim=1))
+    assert all(torch.equal(c["motion_latents"][0], motion_latents[0]) for c in long_calls[2:])
+
+    assert all((c["audio"][1] == 0).all() for c in calls)  # the unconditional rows: silence
+    windows = torch.cat([long_calls[0]["audio"][:1], long_calls[2]["audio"][:1]], dim=-1)
+    assert (windows[..., :FIRST_CLIP_DROP] == 0).all()
+    assert torch.equal(windows[0, ..., FIRST_CLIP_DROP:], features_per_frame(features[1], 24 - FIRST_CLIP_DROP))
