@@ -47,7 +47,9 @@ def test_s2v_no_pose_equals_zero_pose_latents_and_audio_matters():
                           cond=torch.zeros(1, 16, 2, 8, 8))
         silent = model(x, t, context, ref_latents=ref, audio=0 * audio, motion_latents=motion)
         no_motion = model(x, t, context, ref_latents=ref, audio=audio, drop_motion=True)
-    assert (out - zero_pose).abs().max() < 1e-5
+        pose = model(x, t, context, ref_latents=ref, audio=audio, motion_latents=motion,
+                     cond=torch.randn(1, 16, 2, 8, 8, generator=g))
+    assert (out - zero_pose).abs().max() < 1e-5 and (out - pose).abs().max() > 1e-2
     assert (out - silent).abs().max() > 1e-2 and (out - no_motion).abs().max() > 1e-2
     with pytest.raises(ValueError, match="4 audio frames per latent frame"):
         model(x, t, context, ref_latents=ref, audio=audio[..., :6], motion_latents=motion)
@@ -129,14 +131,32 @@ def test_s2v_inference_any_audio_length_gives_video_of_that_length_with_sound(ti
 
     # tiny folder: 12 frames per clip, 2 steps; clip 0 gives 9 frames, so 1.2 s (19 frames) takes 2 clips
     assert [c.shape[1] for c in clips] == [8, 9, 10]
-    long_calls = calls[2:]
-    assert [c["drop_motion"] for c in calls] == [True] * 4 + [False] * 2
-    assert all(c["motion_latents"] is None for c in calls[:4])
+    # 2 steps x (conditional, unconditional) per clip; clips: short 0 | long 0 | long 1
+    assert [c["drop_motion"] for c in calls] == [True] * 8 + [False] * 4
+    assert all(c["motion_latents"] is None for c in calls[:8])
     buffer, motion_latents = encodes[-1]  # the buffer encoded after clip 0 of the long audio
     assert torch.equal(buffer, torch.cat([torch.zeros(3, MOTION_FRAMES - 9, 64, 64), clips[1]], dim=1))
-    assert all(torch.equal(c["motion_latents"][0], motion_latents[0]) for c in long_calls[2:])
+    assert all(c["motion_latents"] is motion_latents for c in calls[8:])
 
-    assert all((c["audio"][1] == 0).all() for c in calls)  # the unconditional rows: silence
-    windows = torch.cat([long_calls[0]["audio"][:1], long_calls[2]["audio"][:1]], dim=-1)
+    assert all((c["audio"] == 0).all() for c in calls[1::2])  # the unconditional passes: silence
+    long_calls = calls[4:]
+    windows = torch.cat([long_calls[0]["audio"], long_calls[4]["audio"]], dim=-1)
     assert (windows[..., :FIRST_CLIP_DROP] == 0).all()
     assert torch.equal(windows[0, ..., FIRST_CLIP_DROP:], features_per_frame(features[1], 24 - FIRST_CLIP_DROP))
+
+
+def test_s2v_pose_video_latents_per_clip(monkeypatch):
+    """Pose frames of each clip (missing ones -1), the chunk's first frame prepended before VAE encoding
+    and its latent dropped, as upstream."""
+    from pipelines.s2v import S2VPipeline
+
+    pipeline = S2VPipeline(dit=None, vae=None, text_encoder=None, audio_encoder=None)
+    encoded = []
+    monkeypatch.setattr(S2VPipeline, "_encode", lambda self, video: encoded.append(video) or torch.zeros(1, 16, 4, 8, 8))
+    pose = torch.rand(3, 5, 64, 64) * 2 - 1
+    for clip in (0, 1):
+        assert pipeline._pose_latents(pose, clip, 12, 64, 64).shape == (1, 16, 3, 8, 8)
+    first, second = encoded
+    assert first.shape == (3, 13, 64, 64) and torch.allclose(first[:, 1:6], pose, atol=1e-6)
+    assert torch.equal(first[:, 0], first[:, 1]) and (first[:, 6:] == -1).all()
+    assert (second == -1).all()  # the pose video ended before clip 1
