@@ -9,8 +9,8 @@ guidance: negative prompt and zeroed audio, same reference, motion and pose.
 
 Timing: video frame k shows audio frame k. Upstream feeds clip r the audio frames [80r, 80r + 80)
 and then drops the first 3 frames of the video, so its video runs 3 frames (0.19 s) ahead of the
-muxed audio; here the audio windows start 3 frames earlier (zeros before the audio) instead. The
-video is cut to the audio's length: floor(seconds * fps) frames.
+muxed audio; here the audio (and pose) windows start 3 frames earlier instead (zero features,
+copies of the first pose frame before the start). The video is cut to the audio's length: floor(seconds * fps) frames.
 """
 
 import logging
@@ -119,8 +119,10 @@ class S2VPipeline:
         return vae.decode(latents.to(vae.conv2.weight.device), tiled=self.vae_tiling)[0].cpu()
 
     def _pose_latents(self, pose, clip, frames_per_clip, height, width):
-        """Latents of the clip's pose frames ([3, T, H, W] in [-1, 1], missing frames = -1): as upstream,
-        the chunk's first frame is prepended before encoding and its latent dropped."""
+        """Latents of the clip's pose frames ([3, T, H, W] in [-1, 1]; frames past the pose video are -1):
+        as upstream, the chunk's first frame is prepended before encoding and its latent dropped. Clip
+        windows are shifted as the audio's, the first pose frame repeated before the video starts."""
+        pose = torch.cat([pose[:, :1].expand(-1, FIRST_CLIP_DROP, -1, -1), pose], dim=1)
         chunk = -torch.ones(3, frames_per_clip, height, width)
         frames = pose[:, clip * frames_per_clip:(clip + 1) * frames_per_clip]
         if frames.shape[1]:

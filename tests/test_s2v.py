@@ -157,6 +157,7 @@ def test_s2v_pose_video_latents_per_clip(monkeypatch):
     for clip in (0, 1):
         assert pipeline._pose_latents(pose, clip, 12, 64, 64).shape == (1, 16, 3, 8, 8)
     first, second = encoded
-    assert first.shape == (3, 13, 64, 64) and torch.allclose(first[:, 1:6], pose, atol=1e-6)
-    assert torch.equal(first[:, 0], first[:, 1]) and (first[:, 6:] == -1).all()
+    # chunk 0: its first frame again, then the first pose frame for the 3 lead-in frames, the pose, -1
+    assert first.shape == (3, 13, 64, 64) and torch.allclose(first[:, 4:9], pose, atol=1e-6)
+    assert all(torch.equal(first[:, i], first[:, 4]) for i in range(4)) and (first[:, 9:] == -1).all()
     assert (second == -1).all()  # the pose video ended before clip 1
