@@ -123,7 +123,7 @@ def test_s2v_inference_any_audio_length_gives_video_of_that_length_with_sound(ti
                            str(tmp_path / "prompts.txt"), "--output_folder", str(out)]) == 0
     for stem, frames in (("000_a_cat_talking", 8), ("001_a_dog_singing", 19)):
         sidecar = json.loads((out / f"{stem}.json").read_text())
-        assert sidecar["frames"] == frames and sidecar["fps"] == 16 and (sidecar["height"], sidecar["width"]) == (64, 64)
+        assert (sidecar["frames"], sidecar["fps"], sidecar["height"], sidecar["width"]) == (frames, 16, 64, 64)
         assert probe_streams(out / f"{stem}.mp4") == ["Video", "Audio"]
         with imageio.get_reader(out / f"{stem}.mp4") as reader:
             assert reader.count_frames() == frames
@@ -152,7 +152,8 @@ def test_s2v_pose_video_latents_per_clip(monkeypatch):
 
     pipeline = S2VPipeline(dit=None, vae=None, text_encoder=None, audio_encoder=None)
     encoded = []
-    monkeypatch.setattr(S2VPipeline, "_encode", lambda self, video: encoded.append(video) or torch.zeros(1, 16, 4, 8, 8))
+    monkeypatch.setattr(S2VPipeline, "_encode",
+                        lambda self, video: encoded.append(video) or torch.zeros(1, 16, 4, 8, 8))
     pose = torch.rand(3, 5, 64, 64) * 2 - 1
     for clip in (0, 1):
         assert pipeline._pose_latents(pose, clip, 12, 64, 64).shape == (1, 16, 3, 8, 8)

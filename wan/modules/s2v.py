@@ -116,17 +116,18 @@ class WanS2VModel(WanModel):
         if ref_grid[1:] != grid[1:] or ref_grid[0] != 1:
             raise ValueError(f"reference latent {tuple(ref_latents.shape)} must be one frame of the video latent's "
                              f"size {tuple(x.shape[3:])}")
-        parts, motion_positions = [tokens, ref_tokens], None
+        parts, motion_positions = [(tokens, NOISY), (ref_tokens, REFERENCE)], None
         if not drop_motion:
             if motion_latents is None:
                 raise ValueError("motion_latents are required unless drop_motion=True (first clip)")
             motion_tokens, motion_positions = self.frame_packer(motion_latents)
-            parts.append(motion_tokens)
-        segment = torch.cat([torch.full((p.shape[1],), i, device=tokens.device) for i, p in enumerate(parts)])
+            parts.append((motion_tokens, MOTION))
+        segment = torch.cat([torch.full((p.shape[1],), kind, device=tokens.device) for p, kind in parts])
         num_noisy = tokens.shape[1]
-        tokens = torch.cat(parts, dim=1) + self.trainable_cond_mask.weight.float()[segment]
+        tokens = torch.cat([p for p, _ in parts], dim=1) + self.trainable_cond_mask.weight.float()[segment]
         rope = self.s2v_rope(grid, ref_grid, motion_positions, tokens.device)
 
+        # Per-token modulation [B, L, 6, C] (noisy tokens: t, the rest: 0), as the blocks take it.
         e, e0 = self.embed_time(t, num_noisy)
         _, e0_clean = self.embed_time(torch.zeros_like(t), num_noisy)
         b, num_clean = tokens.shape[0], tokens.shape[1] - num_noisy
