@@ -54,11 +54,10 @@ def load(folder, args, config):
     dit = load_state_dict(dit, read_state_dict(weights), dtype=dtype, source=str(weights)).eval().requires_grad_(False)
     log.info("loaded the S2V DiT (%.2fB parameters) from %s", sum(p.numel() for p in dit.parameters()) / 1e9, weights)
     vae = load_vae(folder / VAE_FILE, "2.1", torch.float32, device, **extra.get("vae", {}))
-    t5_device = "cpu" if args.t5_cpu else device
+    t5_device = torch.device("cpu") if args.t5_cpu else device
     text_encoder = T5TextEncoder.from_checkpoint(
         folder / OFFICIAL_FILES["t5_checkpoint"], folder / OFFICIAL_FILES["t5_tokenizer"], text_len=dit.text_len,
-        dtype=torch.float32 if t5_device in ("cpu", torch.device("cpu")) else torch.bfloat16, device=t5_device,
-        **extra.get("t5", {}))
+        dtype=torch.float32 if t5_device.type == "cpu" else torch.bfloat16, device=t5_device, **extra.get("t5", {}))
     text_encoder.output_device = device
     # wav2vec2 runs in fp32 on the CPU, as upstream.
     audio_encoder = Wav2Vec2Features.from_folder(folder / WAV2VEC_FOLDER).all_hidden_states
