@@ -55,6 +55,22 @@ def test_s2v_no_pose_equals_zero_pose_latents_and_audio_matters():
         model(x, t, context, ref_latents=ref, audio=audio[..., :6], motion_latents=motion)
 
 
+def test_s2v_framepack_tokens_and_positions():
+    """FramePack (FACTS 3.2): the last 19 motion latents, zero-padded in front, as newest 1 | 2x | 4x
+    tokens at RoPE times -1 | -3 | -19, -14, -9, -4, rows and columns spread over the full token grid."""
+    from wan.modules.s2v_framepack import FramePackMotioner
+
+    packer = FramePackMotioner(dim=8)
+    tokens, positions = packer(torch.randn(1, 16, 7, 8, 16))  # 7 motion latents of 8x16: 4x8 tokens a frame
+    assert tokens.shape == (1, 32 + 8 + 8, 8) and positions.shape == (48, 3)
+    assert positions[:32].tolist() == [[-1, r, c] for r in range(4) for c in range(8)]
+    assert positions[32:40].tolist() == [[-3, r, c] for r in (0, 3) for c in (0, 2, 4, 7)]
+    assert positions[40:].tolist() == [[t, 0, c] for t in (-19, -14, -9, -4) for c in (0, 7)]
+    # the 4x bucket's first 12 of 16 frames are padding: those tokens are the convolution's bias
+    assert torch.allclose(tokens[0, 40:46], packer.proj_4x.bias.expand(6, -1), atol=1e-6)
+    assert not torch.allclose(tokens[0, 46:], packer.proj_4x.bias.expand(2, -1), atol=1e-3)
+
+
 def test_s2v_clip_plan_covers_the_audio():
     from pipelines.s2v import clip_plan, video_size
 

@@ -44,13 +44,13 @@ class FramePackMotioner(nn.Module):
         keep = min(t, MOTION_LATENT_FRAMES)
         if keep:
             padded[:, :, -keep:] = motion_latents[:, :, -keep:]
-        # Oldest first in time: 16 | 2 | 1.
-        oldest_first = padded.split([frames for frames, _ in BUCKETS][::-1], dim=2)[::-1]
+        # In time the buckets run oldest (16 frames) to newest (1 frame); the sequence takes them newest first.
+        newest_first = padded.split([frames for frames, _ in BUCKETS][::-1], dim=2)[::-1]
         full_grid = (height // 2, width // 2)
-        tokens, positions, end = [], [], 0
-        for (frames, _), proj, latents in zip(BUCKETS, (self.proj, self.proj_2x, self.proj_4x), oldest_first):
+        tokens, positions, start_time = [], [], 0
+        for (frames, _), proj, latents in zip(BUCKETS, (self.proj, self.proj_2x, self.proj_4x), newest_first):
             out = proj(latents.to(proj.weight.dtype))
-            end -= frames
+            start_time -= frames
             tokens.append(out.flatten(2).transpose(1, 2).float())
-            positions.append(bucket_positions(end, frames, tuple(out.shape[2:]), full_grid))
+            positions.append(bucket_positions(start_time, frames, tuple(out.shape[2:]), full_grid))
         return torch.cat(tokens, dim=1), torch.cat(positions).to(motion_latents.device)
