@@ -133,14 +133,17 @@ class S2VPipeline:
     def generate(self, prompt, image, waveform, settings=None, pose=None, progress=True):
         """image: [3, H, W] in [-1, 1]; waveform: [N] mono at 16 kHz; pose: optional [3, T, H, W] pose
         video in [-1, 1] at the output frame rate. Yields the video clip by clip, [3, frames, H, W] in
-        [-1, 1] on the CPU; together floor(N / 16000 * fps) frames (at least 1)."""
+        [-1, 1] on the CPU; together floor(N / 16000 * fps) frames."""
         settings = settings or self.settings()
         if not prompt or not prompt.strip():
             raise InvalidInput("prompt is empty; describe the video")
-        if waveform.ndim != 1 or waveform.numel() == 0:
-            raise InvalidInput(f"audio must be a non-empty mono waveform [N], got shape {tuple(waveform.shape)}")
+        if waveform.ndim != 1:
+            raise InvalidInput(f"audio must be a mono waveform [N], got shape {tuple(waveform.shape)}")
         # Whole frames only: the video never outlasts the audio (the muxer cuts to the shorter stream).
-        num_frames = max(1, int(waveform.numel() * self.fps // SAMPLE_RATE))
+        num_frames = int(waveform.numel() * self.fps // SAMPLE_RATE)
+        if num_frames < 1:
+            raise InvalidInput(f"the audio lasts {1000 * waveform.numel() / SAMPLE_RATE:.1f} ms, less than one "
+                               f"video frame ({1000 / self.fps:.1f} ms at {self.fps} fps); give a longer audio")
         per_clip = settings.frame_num
         num_clips = clip_plan(num_frames, per_clip)
         max_width, max_height = parse_size(settings.size)

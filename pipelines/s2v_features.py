@@ -5,8 +5,6 @@ to 30 Hz, then video frame i at `fps` takes the 30 Hz feature round(i * 30 / fps
 or zeros past the end of the audio.
 """
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,8 +17,8 @@ def to_feature_rate(hidden_states):
     """[S, T, C] hidden states at 50 Hz -> [S, int(T / 50 * 30), C] at 30 Hz."""
     length = int(hidden_states.shape[1] / float(WAV2VEC_RATE) * FEATURE_RATE)
     if length < 1:
-        raise ValueError(f"audio too short: {hidden_states.shape[1]} wav2vec2 frames give no feature at "
-                         f"{FEATURE_RATE} Hz; give at least {math.ceil(WAV2VEC_RATE / FEATURE_RATE) * 20} ms of audio")
+        raise ValueError(f"audio too short: {hidden_states.shape[1]} wav2vec2 frame(s) give no feature at "
+                         f"{FEATURE_RATE} Hz; give at least 45 ms of audio (2 wav2vec2 frames)")
     resampled = F.interpolate(hidden_states.float().transpose(1, 2), size=length, mode="linear", align_corners=True)
     return resampled.transpose(1, 2)
 

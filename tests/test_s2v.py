@@ -80,6 +80,19 @@ def test_s2v_clip_plan_covers_the_audio():
     assert video_size(100, 80, 1280 * 720) == (128, 128)       # small images are not upscaled before rounding
 
 
+def test_s2v_rejects_audio_shorter_than_a_frame_and_bad_clip_lengths():
+    from pipelines.s2v import S2VPipeline
+    from pipelines.validation import InvalidInput
+
+    pipeline = S2VPipeline(dit=None, vae=None, text_encoder=None, audio_encoder=None)
+    with pytest.raises(InvalidInput, match="less than one video frame"):
+        next(pipeline.generate("a person talking", torch.zeros(3, 64, 64), torch.zeros(999)))
+    with pytest.raises(InvalidInput, match="multiple of 4"):
+        pipeline.settings(frame_num=81)
+    with pytest.raises(InvalidInput, match="supported maximum areas"):
+        pipeline.settings(size="64*64")
+
+
 # -- tiny end to end ----------------------------------------------------------------------------
 
 def tone(seconds, rate=16000):
