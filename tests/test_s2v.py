@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import randomize
 from golden_kinds import EXT_DIR
 from wan.modules.s2v import WanS2VModel, s2v_config
 
@@ -27,8 +28,6 @@ def test_s2v_rejects_unreleased_configurations():
 
 
 def _tiny_s2v(seed=0):
-    from conftest import randomize
-
     config = s2v_config(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8,
                         audio_dim=8, audio_inject_layers=(1,))
     return randomize(WanS2VModel.from_config(config), std=0.2, seed=seed).eval()
