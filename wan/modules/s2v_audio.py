@@ -74,8 +74,8 @@ class AudioFrameEncoder(nn.Module):
 
 
 class CausalAudioEncoder(nn.Module):
-    """Learned softmax-like mix of the stacked wav2vec2 hidden states (SiLU weights, normalised to sum
-    1), then `AudioFrameEncoder`."""
+    """Weighted mean of the stacked wav2vec2 hidden states (learned weights w, mixed with SiLU(w) / sum
+    SiLU(w)), then `AudioFrameEncoder`."""
 
     def __init__(self, audio_dim, dim, num_tokens=4, num_states=NUM_WAV2VEC_STATES):
         super().__init__()
