@@ -4,6 +4,7 @@ audio branch, the vocal projector, wav2vec2 window features and the long-video p
 import torch
 
 from golden_kinds import EXT_DIR, assert_close, golden_dir, runner
+from pipelines.stableavatar import AvatarSettings, StableAvatarPipeline, flow_euler_schedule
 from wan.audio.wav2vec import Wav2Vec2Features
 from wan.checkpoint import load_state_dict
 from wan.modules.stableavatar import StableAvatarModel
@@ -90,3 +91,28 @@ def run_vocal_projector(case):
     assert_close(proj, case.outputs["proj"], name="proj")
     assert_close(split, case.outputs["split"], name="split")
     assert_close(out, case.outputs["context_tokens"], name="context_tokens")
+
+
+def split_params(params, prefix):
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+@runner("stableavatar_long_pipeline")
+def run_stableavatar_long_pipeline(case):
+    config, inputs = case.config, case.inputs
+    dit = build_transformer(config["transformer"], split_params(case.params, "transformer."), case.path.name)
+    wav2vec = build_wav2vec(config["wav2vec"], split_params(case.params, "wav2vec."),
+                            config["wav2vec_feature_extractor"]["do_normalize"])
+    pipeline = StableAvatarPipeline(dit, None, None, None, wav2vec, negative_prompt=None)
+    settings = AvatarSettings(clip_frames=config["clip_length"], overlap=config["overlap_window_length"],
+                              overlap_weights=config["overlapping_weight_scheme"],
+                              sample_steps=config["num_inference_steps"], sample_shift=config["scheduler"]["shift"],
+                              text_guide_scale=config["text_guide_scale"],
+                              audio_guide_scale=config["audio_guide_scale"]).check()
+    schedule = flow_euler_schedule(settings.sample_steps, settings.sample_shift)
+    assert_close(schedule.sigmas, case.outputs["sigmas"], atol=1e-6, name="sigmas")
+    assert_close(schedule.timesteps, case.outputs["timesteps"], atol=1e-3, name="timesteps")
+    latents = pipeline.denoise(inputs["noise"], inputs["waveform"], inputs["prompt_embeds"],
+                               inputs["negative_prompt_embeds"], inputs["y"], inputs["clip_fea"], settings,
+                               reference_windows=True, progress=False)
+    assert_close(latents, case.outputs["latents"], name="latents")
