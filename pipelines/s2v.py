@@ -74,16 +74,18 @@ class S2VSettings:
 
 class S2VPipeline:
     """dit: `WanS2VModel`; vae: Wan2.1 VAE; text_encoder: `T5TextEncoder`; audio_encoder: waveform [N] at
-    16 kHz -> the 25 stacked wav2vec2 hidden states [25, T, 1024] at 50 Hz. sizes: allowed max areas."""
+    16 kHz -> the 25 stacked wav2vec2 hidden states [25, T, 1024] at 50 Hz. sizes: allowed max areas.
+    offload_model: the DiT leaves the device while the VAE decodes and re-encodes between clips."""
 
     def __init__(self, dit, vae, text_encoder, audio_encoder, defaults=None, sizes=S2V_SIZES, fps=16,
-                 device="cpu", vae_tiling=False):
+                 device="cpu", vae_tiling=False, offload_model=False):
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.defaults = {**S2V_DEFAULTS, **(defaults or {})}
         self.sizes = tuple(sizes)
         self.fps = fps
         self.device = torch.device(device)
         self.vae_tiling = vae_tiling
+        self.offload_model = offload_model
 
     @property
     def dits(self):
@@ -160,10 +162,10 @@ class S2VPipeline:
         motion_pixels, motion_latents = torch.zeros(3, MOTION_FRAMES, height, width), None
         lat_shape = (self.vae.z_dim, per_clip // self.vae.temporal_stride, height // self.vae.spatial_stride,
                      width // self.vae.spatial_stride)
-        self.dit.to(self.device)
         remaining = num_frames
         for clip in tqdm(range(num_clips), desc="clips", disable=not progress):
             first = clip == 0
+            self.dit.to(self.device)
             generator = torch.Generator().manual_seed(settings.seed + clip)  # CPU noise: same on every device
             latents = torch.randn(lat_shape, generator=generator)[None].to(self.device)
             window = audio[..., clip * per_clip:(clip + 1) * per_clip]
@@ -180,6 +182,8 @@ class S2VPipeline:
                 pred_uncond = self.dit(latents, timestep, [context_null], audio=0 * window, **shared)
                 noise_pred = pred_uncond + settings.guide_scale * (pred_cond - pred_uncond)
                 latents = sampler.step(noise_pred, i, latents, generator=generator)
+            if self.offload_model:
+                self.dit.to("cpu")
             prefix = ref_latents if first else motion_latents
             video = self._decode(torch.cat([prefix, latents], dim=2))[:, -per_clip:]
             if first:

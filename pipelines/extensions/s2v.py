@@ -66,7 +66,8 @@ def load(folder, args, config):
     if sizes:  # a folder declaring its own sizes (tiny checkpoints) defaults to the first
         overrides.setdefault("size", sizes[0])
     return S2VPipeline(dit, vae, text_encoder, audio_encoder, defaults=overrides,
-                       **({"sizes": sizes} if sizes else {}), device=device, vae_tiling=args.vae_tiling)
+                       **({"sizes": sizes} if sizes else {}), device=device, vae_tiling=args.vae_tiling,
+                       offload_model=args.offload_model)
 
 
 def make_tiny(folder, seed=0):
