@@ -102,6 +102,8 @@ class S2VPipeline:
             raise InvalidInput(f"S2V frames per clip (frame_num) must be a multiple of 4, got {settings.frame_num}; "
                                f"use {max(4, settings.frame_num // 4 * 4)}")
         check_positive("sample_steps", settings.sample_steps)
+        if not isinstance(settings.guide_scale, (int, float)):
+            raise InvalidInput(f"S2V takes one guidance scale, got {settings.guide_scale}")
         return settings
 
     def audio_features(self, waveform, num_clips, frames_per_clip):
@@ -178,9 +180,10 @@ class S2VPipeline:
                 # Conditional and unconditional passes one after the other (batch 1): the per-token
                 # modulation of 14B at 720p takes ~10 GB per pass.
                 timestep = t.reshape(1).to(self.device)
-                pred_cond = self.dit(latents, timestep, [context], audio=window, **shared)
-                pred_uncond = self.dit(latents, timestep, [context_null], audio=0 * window, **shared)
-                noise_pred = pred_uncond + settings.guide_scale * (pred_cond - pred_uncond)
+                noise_pred = self.dit(latents, timestep, [context], audio=window, **shared)
+                if settings.guide_scale > 1:  # as upstream, no unconditional pass otherwise
+                    pred_uncond = self.dit(latents, timestep, [context_null], audio=0 * window, **shared)
+                    noise_pred = pred_uncond + settings.guide_scale * (noise_pred - pred_uncond)
                 latents = sampler.step(noise_pred, i, latents, generator=generator)
             if self.offload_model:
                 self.dit.to("cpu")

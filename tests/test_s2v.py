@@ -90,6 +90,8 @@ def test_s2v_rejects_audio_shorter_than_a_frame_and_bad_clip_lengths():
         pipeline.settings(frame_num=81)
     with pytest.raises(InvalidInput, match="supported maximum areas"):
         pipeline.settings(size="64*64")
+    with pytest.raises(InvalidInput, match="one guidance scale"):
+        pipeline.settings(guide_scale=(3.0, 4.0))
 
 
 # -- tiny end to end ----------------------------------------------------------------------------
