@@ -8,7 +8,7 @@ from conftest import randomize
 from golden_kinds import EXT_DIR
 from wan.modules.model import WanModel
 from wan.modules.stableavatar import STABLEAVATAR_1_3B, StableAvatarModel
-from wan.modules.vocal_projector import VocalProjector, frame_block_mask
+from wan.modules.vocal_projector import VocalProjector, audio_window_ranges, audio_windows, frame_block_mask
 
 MANIFESTS = EXT_DIR / "stableavatar" / "manifests"
 TINY = dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16, clip_dim=32,
@@ -74,3 +74,15 @@ def test_avatar_no_audio_rows_and_frame_mask():
     assert not torch.allclose(out, with_audio, atol=1e-4)
     mask = frame_block_mask(12, 3, 2)
     assert mask.shape == (12, 6) and mask[:4, :2].all() and not mask[:4, 2:].any() and mask[8:, 4:].all()
+
+
+def test_avatar_audio_windows_drop_rows_outside_and_pad_at_the_end():
+    tokens = torch.arange(1, 11, dtype=torch.float32)[None, :, None]  # rows 1..10
+    windows, lengths = audio_windows(tokens, [[-6, -2], [-2, 2], [8, 12]])
+    assert lengths.tolist() == [0, 3, 2]
+    assert windows[0, :, :, 0].tolist() == [[0] * 5, [1, 2, 3, 0, 0], [9, 10, 0, 0, 0]]
+    # 81 frames, 167 tokens (84 frames of audio): 21 windows of 17 rows, the released ranges
+    ranges = audio_window_ranges(167, 81)
+    assert len(ranges) == 21 and ranges[0] == [-11, 5] and ranges[1] == [-3, 13] and ranges[-1] == [153, 169]
+    assert {end - start + 1 for start, end in ranges} == {17}
+    assert audio_window_ranges(3, 1) and len(audio_window_ranges(10, 1)) == 1  # a one-frame clip has one window

@@ -18,6 +18,8 @@ trained in turns (trainers/loop.py), and provides:
     phase(step): the name of the network optimizer step `step` trains
     loss(batch, generator, phase): that network's loss
     ema_network: the name of the network the EMA follows
+A trainer whose samples need more than `trainers.data` reads (e.g. the audio of talking videos) provides
+    dataset(data_cfg, seed): its `trainers.data.SampleSet`
 """
 
 TRAINERS = {}
@@ -34,3 +36,4 @@ def register_trainer(name):
 
 
 from . import diffusion, distillation, ode  # noqa: E402,F401  (registers the trainers)
+from . import stableavatar  # noqa: E402,F401

@@ -42,7 +42,8 @@ def audio_windows(tokens, ranges):
     num_tokens = tokens.shape[1]
     windows, lengths = [], []
     for start, end in ranges:
-        valid = tokens[:, max(start, 0):min(end, num_tokens - 1) + 1]
+        first, stop = max(start, 0), min(end, num_tokens - 1) + 1
+        valid = tokens[:, first:max(stop, first)]  # a window wholly before the audio is all padding
         windows.append(F.pad(valid, (0, 0, 0, end - start + 1 - valid.shape[1])))
         lengths.append(valid.shape[1])
     return torch.stack(windows, dim=1), torch.tensor(lengths)
