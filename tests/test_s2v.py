@@ -70,6 +70,20 @@ def test_s2v_framepack_tokens_and_positions():
     assert not torch.allclose(tokens[0, 46:], packer.proj_4x.bias.expand(2, -1), atol=1e-3)
 
 
+def test_s2v_audio_features_per_frame_follow_the_official_sampling():
+    """50 Hz -> 30 Hz (linear, align_corners), then frame i at 16 fps takes the 30 Hz feature
+    numpy-round(i * 1.875) (halves to even: frame 12 -> 22), zeros past the audio."""
+    from pipelines.s2v_features import features_per_frame, to_feature_rate
+
+    hidden = torch.arange(100.0)[None, :, None].expand(2, 100, 3)  # 2 s at 50 Hz, value = 50 Hz index
+    at_30 = to_feature_rate(hidden)
+    assert at_30.shape == (2, 60, 3) and torch.allclose(at_30[0, :, 0], torch.linspace(0, 99, 60))
+    frames = features_per_frame(torch.arange(60.0)[None, :, None], 40)  # value = 30 Hz index
+    assert frames.shape == (1, 1, 40)
+    assert frames[0, 0, :13].tolist() == [0, 2, 4, 6, 8, 9, 11, 13, 15, 17, 19, 21, 22]
+    assert frames[0, 0, 31] == 58 and (frames[0, 0, 32:] == 0).all()  # round(32 * 1.875) = 60: past the end
+
+
 def test_s2v_clip_plan_covers_the_audio():
     from pipelines.s2v import clip_plan, video_size
 
