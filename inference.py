@@ -37,6 +37,7 @@ from pipelines.prompt_file import read_extension_prompt_file, read_prompt_file
 from pipelines.validation import InvalidInput, check_image_file, check_positive, check_size
 from pipelines.video_io import image_to_tensor, resize_cover, video_writer, write_frames
 from pipelines.wan_video import SampleSettings, WanVideoPipeline
+from wan.audio.decode import mux_audio
 from wan.checkpoint import CheckpointError
 from wan.lora import fuse_lora
 
@@ -308,6 +309,8 @@ def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, comp
             used = runner.run(job, images, base_seed + index, TeeWriter(writer, on_frame) if on_frame else writer)
         if not is_main:
             continue
+        if used.get("audio_track"):  # audio-driven tasks: their input audio goes into the mp4
+            mux_audio(tmp, used["audio_track"])
         os.replace(tmp, out_dir / f"{stem}.mp4")
         sidecar = {"prompt": job.prompt, "images": [str(p) for p in job.images], "task": preset.name,
                    **({"inputs": {k: v and str(v) for k, v in job.inputs.items()}} if job.inputs else {}),

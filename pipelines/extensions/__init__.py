@@ -28,7 +28,8 @@ class ExtensionTask:
         into) and `run(job, settings, seed, writer) -> dict` of the settings used (`job` is a `PromptJob`
         with `inputs` {field: Path or None}, `settings` a `SampleSettings` whose None fields take the
         defaults, `writer` takes uint8 HWC frames, see `pipelines.video_io.write_frames`); `config`
-        holds the YAML's options.
+        holds the YAML's options. An `audio_track` entry (a path) in the returned dict is muxed into
+        the written mp4 (`wan.audio.mux_audio`).
     make_tiny(folder, seed): writes a tiny random-weight checkpoint folder for this task.
     """
     name: str
