@@ -67,8 +67,8 @@ def test_avatar_no_audio_rows_and_frame_mask():
     with torch.no_grad():
         out = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=a["audio"],
                     audio_mask=torch.tensor([False]))
-        other = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=torch.randn_like(a["audio"]),
-                      audio_mask=torch.tensor([False]))
+        other = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"],
+                      audio=torch.randn_like(a["audio"]), audio_mask=torch.tensor([False]))
         with_audio = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=a["audio"])
     assert torch.equal(out, other)
     assert not torch.allclose(out, with_audio, atol=1e-4)

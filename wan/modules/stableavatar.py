@@ -71,7 +71,7 @@ class StableAvatarModel(WanModel):
         if seq_len is not None:
             if seq_len < tokens.shape[1]:
                 raise ValueError(f"seq_len {seq_len} is shorter than the {tokens.shape[1]} video tokens")
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], seq_len - tokens.shape[1], tokens.shape[2])], 1)
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, seq_len - tokens.shape[1]))
         num_frames = num_frames or 4 * grid[0] - 3
         e, e0 = self.embed_time(t, tokens.shape[1])
         if audio_mask is None:
