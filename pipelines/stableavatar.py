@@ -139,8 +139,9 @@ class StableAvatarPipeline:
                         y=y.expand(rows, *y.shape[1:]), clip_fea=clip_fea.expand(rows, *clip_fea.shape[1:]),
                         audio=audio.expand(rows, *audio.shape[1:]), audio_mask=torch.tensor([False, True, True]),
                         num_frames=num_frames, seq_len=seq_len)
-        uncond, drop_text, cond = pred.float().chunk(rows)
-        return uncond + settings.audio_guide_scale * (drop_text - uncond) + settings.text_guide_scale * (cond - drop_text)
+        uncond, audio_only, cond = pred.float().chunk(rows)
+        return (uncond + settings.audio_guide_scale * (audio_only - uncond)
+                + settings.text_guide_scale * (cond - audio_only))
 
     @torch.no_grad()
     def denoise(self, noise, waveform, context, context_null, y, clip_fea, settings, reference_windows=False,

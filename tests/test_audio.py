@@ -40,7 +40,8 @@ def test_audio_wav_round_trip(tmp_path):
 def test_audio_decode_resamples_and_downmixes(tmp_path, ext):
     """44.1 kHz stereo (a 300 Hz tone left, silence right) -> 16 kHz mono at half amplitude."""
     path = tmp_path / f"a.{ext}"
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=300:duration=1:sample_rate=44100",
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=300:duration=1:sample_rate=44100",
                     "-f", "lavfi", "-i", "anullsrc=r=44100:cl=mono", "-filter_complex", "[0:a][1:a]amerge=inputs=2",
                     "-t", "1", "-c:a", "aac" if ext != "mp3" else "libmp3lame", str(path)], check=True)
     decoded = load_audio(path)

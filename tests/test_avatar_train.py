@@ -102,14 +102,16 @@ def test_avatar_adapter_training_lowers_the_loss(avatar_data, tmp_path):
     folder, _, overrides = avatar_data
     history = train(load_config(TINY, overrides), tmp_path)
     mse = [r["mse"] for r in history]  # unweighted: the mask-weighted loss jumps with the schedule's draw
-    assert len(mse) == 12 and all(np.isfinite([r["loss"] for r in history]))
-    assert np.mean(mse[-4:]) < 0.7 * np.mean(mse[:4]), mse
-    export = tmp_path / "checkpoints" / "step_000012"
+    assert len(mse) == 8 and all(np.isfinite([r["loss"] for r in history]))
+    assert np.mean(mse[-3:]) < 0.85 * np.mean(mse[:3]), mse
+    assert {r["clip_level"] for r in history} == {0.0, 1.0} and min(r["audio_kept"] for r in history) == 0
+    export = tmp_path / "checkpoints" / "step_000008"
     start = read_state_dict(folder / "diffusion_pytorch_model.safetensors")
     trained = read_state_dict(export / "model.safetensors")
     assert trained.keys() == start.keys()
     assert torch.equal(trained["patch_embedding.weight"], start["patch_embedding.weight"])  # frozen
-    for key in ("blocks.0.cross_attn.k_vocal.weight", "vocal_projector.proj_model.proj.weight", "blocks.1.ffn.0.weight"):
+    for key in ("blocks.0.cross_attn.k_vocal.weight", "vocal_projector.proj_model.proj.weight",
+                "blocks.1.ffn.0.weight"):
         assert not torch.equal(trained[key], start[key]), key
     model = StableAvatarModel.from_config(json.loads((export / "config.json").read_text()))
     model.load_state_dict(trained)

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import randomize
-from golden_kinds import EXT_DIR
+from golden_kinds import EXT_DIR, case_kind, golden_cases, load_case, load_runners
 from wan.modules.model import WanModel
 from wan.modules.stableavatar import STABLEAVATAR_1_3B, StableAvatarModel
 from wan.modules.vocal_projector import VocalProjector, audio_window_ranges, audio_windows, frame_block_mask
@@ -67,8 +68,8 @@ def test_avatar_no_audio_rows_and_frame_mask():
     with torch.no_grad():
         out = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=a["audio"],
                     audio_mask=torch.tensor([False]))
-        other = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=torch.randn_like(a["audio"]),
-                      audio_mask=torch.tensor([False]))
+        other = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"],
+                      audio=torch.randn_like(a["audio"]), audio_mask=torch.tensor([False]))
         with_audio = model(a["x"], a["t"], a["context"], y=a["y"], clip_fea=a["clip_fea"], audio=a["audio"])
     assert torch.equal(out, other)
     assert not torch.allclose(out, with_audio, atol=1e-4)
@@ -86,3 +87,16 @@ def test_avatar_audio_windows_drop_rows_outside_and_pad_at_the_end():
     assert len(ranges) == 21 and ranges[0] == [-11, 5] and ranges[1] == [-3, 13] and ranges[-1] == [153, 169]
     assert {end - start + 1 for start, end in ranges} == {17}
     assert audio_window_ranges(3, 1) and len(audio_window_ranges(10, 1)) == 1  # a one-frame clip has one window
+
+
+# test_golden.py runs every case under its file name; those whose names do not say "avatar" (the
+# projector's and wav2vec2's) also run here, so that `pytest -k "audio or avatar"` selects them all.
+STABLEAVATAR_KINDS = ("stableavatar_transformer", "vocal_projector", "wav2vec_features", "stableavatar_long_pipeline")
+RUNNERS = load_runners()  # importing the runners claims their extension cases
+UNNAMED_CASES = [p for p in golden_cases() if case_kind(p) in STABLEAVATAR_KINDS and "avatar" not in p.stem]
+
+
+@pytest.mark.parametrize("path", UNNAMED_CASES, ids=[p.stem for p in UNNAMED_CASES])
+def test_avatar_golden(path):
+    case = load_case(path)
+    RUNNERS[case.kind](case)

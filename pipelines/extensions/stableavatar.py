@@ -140,7 +140,7 @@ def make_tiny(folder, seed=0):
     audio matters), tiny wav2vec2, VAE, umT5 and CLIP; 32x32, 17-frame clips, 2 steps."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**STABLEAVATAR_1_3B, **TINY_DIT,
+    config = {**STABLEAVATAR_1_3B, **TINY_DIT, "dim": 64, "ffn_dim": 128, "num_heads": 4,
               "vocal_projector": {"audio_in_dim": TINY_WAV2VEC2["hidden_size"], "num_heads": 2}}
     torch.manual_seed(seed)
     dit = StableAvatarModel.from_config(config)

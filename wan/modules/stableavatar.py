@@ -71,11 +71,11 @@ class StableAvatarModel(WanModel):
         if seq_len is not None:
             if seq_len < tokens.shape[1]:
                 raise ValueError(f"seq_len {seq_len} is shorter than the {tokens.shape[1]} video tokens")
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], seq_len - tokens.shape[1], tokens.shape[2])], 1)
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, seq_len - tokens.shape[1]))
         num_frames = num_frames or 4 * grid[0] - 3
         e, e0 = self.embed_time(t, tokens.shape[1])
-        if audio_mask is None:
-            audio_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        audio_mask = torch.ones(x.shape[0], dtype=torch.bool) if audio_mask is None else audio_mask
+        audio_mask = audio_mask.to(x.device)
         projected = self.vocal_tokens(audio[audio_mask], num_frames, tokens[audio_mask], e0[audio_mask, 0],
                                       e[audio_mask, 0])
         vocal = projected.new_zeros(x.shape[0], *projected.shape[1:]).index_put((audio_mask,), projected)
