@@ -44,3 +44,76 @@ def run_camera_plucker(case):
     out = plucker_embedding(case.inputs["cam_params"], meta["width"], meta["height"],
                             meta.get("original_pose_width", 1280), meta.get("original_pose_height", 720))
     assert_close(out, case.outputs["plucker"], atol=1e-4, name=f"{case.path.name} plucker")
+
+
+def _trace_experts(case):
+    """(low-noise model, high-noise model or None): a MoE case prefixes its experts' parameters with
+    `transformer.` (low noise) and `transformer_2.` (high noise)."""
+    if not any(k.startswith("transformer_2.") for k in case.params):
+        return build_fun_model(case), None
+    experts = []
+    for prefix in ("transformer.", "transformer_2."):
+        params = {k[len(prefix):]: v for k, v in case.params.items() if k.startswith(prefix)}
+        experts.append(build_fun_model(type(case)(case.path, case.meta, params)))
+    return tuple(experts)
+
+
+def _sample_trace(case, cache):
+    """The reference pipeline's loop (meta note): Euler steps on the case's sigmas, CFG batch split
+    into a cond call and an uncond call, cfg skip by `cfg_skip_ratio`. Returns the final latents and
+    the number of branches run per step."""
+    from wan.samplers.cfg_skip import cfg_skipped
+
+    meta, inputs = case.meta, case.inputs
+    low, high = _trace_experts(case)
+    if cache is not None:
+        for model in (low, high):
+            if model is not None:
+                cache.attach(model)
+    boundary = (meta.get("boundary") or 0) * 1000
+    sigmas, timesteps = case.outputs["sigmas"], case.outputs["timesteps"]
+    latents, y = inputs["latents"], inputs.get("y")
+    kwargs = {k: inputs[k] for k in ("y", "clip_fea", "full_ref", "y_camera") if k in inputs}
+    branches = []
+    for i, t in enumerate(timesteps):
+        model = high if high is not None and t.item() >= boundary else low
+        t = t.reshape(1)
+
+        def call(context, branch):
+            if cache is None:
+                return model(latents, t, [context], **kwargs)
+            with cache.branch(branch):
+                return model(latents, t, [context], **kwargs)
+
+        cond = call(inputs["context_cond"], "cond")
+        if cfg_skipped(i, len(timesteps), meta.get("cfg_skip_ratio") or 0):
+            noise, n = cond, 1
+        else:
+            uncond = call(inputs["context_uncond"], "uncond")
+            noise, n = uncond + meta["guidance_scale"] * (cond - uncond), 2
+        branches.append(n)
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * noise
+    return latents, branches
+
+
+@runner("teacache_trace")
+def run_teacache_trace(case):
+    from wan.teacache import TeaCache
+
+    meta, out, name = case.meta, case.outputs, case.path.name
+    with torch.no_grad():
+        plain, _ = _sample_trace(case, None)
+        assert_close(plain, out["final_no_cache"], atol=1e-4, name=f"{name} final_no_cache")
+        cache = TeaCache(meta["coefficients"], num_steps=meta["steps"], threshold=meta["rel_l1_thresh"],
+                         skip_start_steps=meta["num_skip_start_steps"])
+        final, branches = _sample_trace(case, cache)
+    assert branches == [int(b) for b in out["branches"]], f"{name}: branches per step {branches}"
+    cond = [r for r in cache.trace if r["branch"] == "cond"]
+    assert [r["computed"] for r in cond] == [bool(c) for c in out["computed"]], f"{name}: computed steps"
+    uncond_computed = [r["computed"] for r in cache.trace if r["branch"] == "uncond"]
+    expected_uncond = [bool(c) for c, b in zip(out["computed_uncond"], out["branches"]) if b == 2]
+    assert uncond_computed == expected_uncond, f"{name}: computed uncond steps"
+    for key, field in (("rel_l1", "rel"), ("acc_value", "acc")):
+        ours = torch.tensor([-1.0 if r[field] is None else r[field] for r in cond], dtype=torch.float64)
+        assert_close(ours, out[key], atol=1e-4, name=f"{name} {key}")
+    assert_close(final, out["final"], atol=1e-4, name=f"{name} final")
