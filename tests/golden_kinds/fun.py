@@ -117,3 +117,23 @@ def run_teacache_trace(case):
         ours = torch.tensor([-1.0 if r[field] is None else r[field] for r in cond], dtype=torch.float64)
         assert_close(ours, out[key], atol=1e-4, name=f"{name} {key}")
     assert_close(final, out["final"], atol=1e-4, name=f"{name} final")
+
+
+@runner("lora_merge")
+def run_lora_merge(case):
+    from wan.lora_formats import merge_lora_files
+    from wan.modules.model import WanModel
+
+    with torch.device("meta"):
+        model = WanModel.from_config(case.config)
+    model = load_state_dict(model, case.params, source=case.path.name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = {k[len("lora."):]: v for k, v in case.inputs.items() if k.startswith("lora.")}
+    merged = merge_lora_files(model, [(lora, case.meta["multiplier"])])
+    after = model.state_dict()
+    for key, expected in case.outputs.items():
+        assert_close(after[key.removeprefix("merged.")], expected, atol=1e-4, name=f"{case.path.name} {key}")
+    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    assert changed == sorted(case.meta["changed_keys"]), f"{case.path.name}: changed {changed}"
+    merged.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "unmerge is not exact"
