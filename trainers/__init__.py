@@ -33,4 +33,4 @@ def register_trainer(name):
     return register
 
 
-from . import diffusion, distillation, ode  # noqa: E402,F401  (registers the trainers)
+from . import diffusion, distillation, fun, ode  # noqa: E402,F401  (registers the trainers)
