@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from wan.camera import pose_file_condition
 from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict
 from wan.convert.dit_diffusers import is_diffusers_dit
 from wan.model_loading import read_dit_config
@@ -206,8 +207,6 @@ class FunPipeline(WanVideoPipeline):
             else:
                 if inputs.pose_file is None:
                     raise InvalidInput("task fun-camera needs a camera pose file")
-                from wan.camera import pose_file_condition
-
                 kwargs["y_camera"] = pose_file_condition(inputs.pose_file, width, height, settings.frame_num)[None]
                 y = part
         kwargs["y"] = y[None]

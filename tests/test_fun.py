@@ -126,3 +126,14 @@ def test_fun_camera_condition_groups_four_frames_per_latent_frame(tmp_path):
     (tmp_path / "bad.txt").write_text("header\n1 2 3\n")
     with pytest.raises(ValueError, match="19 numbers"):
         read_pose_file(tmp_path / "bad.txt")
+
+
+def test_fun_golden_camera_plucker_cases():
+    """The `camera_plucker` golden cases (also in test_golden.py), selected with `-k fun`."""
+    from golden_kinds import case_kind, load_case, load_runners
+
+    cases = [p for p in sorted((EXT_DIR / "fun" / "golden").glob("*.safetensors")) if case_kind(p) == "camera_plucker"]
+    assert cases
+    runners = load_runners()
+    for path in cases:
+        runners["camera_plucker"](load_case(path))

@@ -110,3 +110,14 @@ def test_lora_format_errors_name_the_problem(caplog):
         read_lora_for(model, wrong)
     with pytest.raises(ValueError, match="lacks its up/B weight"):
         read_lora_for(model, {"diffusion_model.head.head.lora_A.weight": torch.zeros(4, 64)})
+
+
+def test_lora_format_golden_merge_cases():
+    """The `lora_merge` golden cases (also in test_golden.py), selected with `-k lora_format`."""
+    from golden_kinds import EXT_DIR, case_kind, load_case, load_runners
+
+    cases = [p for p in sorted((EXT_DIR / "fun" / "golden").glob("*.safetensors")) if case_kind(p) == "lora_merge"]
+    assert cases
+    runners = load_runners()
+    for path in cases:
+        runners["lora_merge"](load_case(path))

@@ -101,13 +101,15 @@ class FunTrainer(DiffusionTrainer):
             mask = torch.stack([inpaint_mask(INPAINT_PATTERNS[int(p)], *video.shape[2:], generator)
                                 for p in patterns]).to(self.device)
             masked = enc.vae.encode(video * (1 - mask)).float()
-            keep = 1 - (mask.flatten(1).amin(1) == 1).float() * (1 - self._chance(fun.full_mask_zero_prob, generator, b))
+            fully_masked = (mask.flatten(1).amin(1) == 1).float()
+            keep = 1 - fully_masked * (1 - self._chance(fun.full_mask_zero_prob, generator, b))
             y[:, :4 + masked.shape[1]] = torch.cat([mask_channels(mask, lat_h, lat_w, enc.vae.temporal_stride),
                                                     masked], 1) * keep[:, None, None, None, None]
             keep_clip = self._chance(fun.condition_dropout, generator, b)
         elif self.mode == "control":
             control = enc.vae.encode(batch["control_video"].to(self.device)).float()
-            y[:, :control.shape[1]] = control * self._chance(fun.condition_dropout, generator, b)[:, None, None, None, None]
+            keep = self._chance(fun.condition_dropout, generator, b)
+            y[:, :control.shape[1]] = control * keep[:, None, None, None, None]
         if self.condition_channels:
             out["y"] = y
         if enc.clip is not None:

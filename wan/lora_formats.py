@@ -4,7 +4,7 @@ merged into (and exactly unmerged from) a model's weights.
 | format | module name | tensors |
 |---|---|---|
 | ComfyUI / musubi / ours | `diffusion_model.blocks.0.self_attn.q` | `.lora_A.weight` `.lora_B.weight` `.alpha` |
-| kohya (VideoX-Fun, musubi) | `lora_unet_blocks_0_self_attn_q` (VideoX-Fun: `lora_unet__...`) | `.lora_down.weight` `.lora_up.weight` `.alpha` |
+| kohya (VideoX-Fun, musubi) | `lora_unet_blocks_0_self_attn_q` (VideoX-Fun: `lora_unet__`) | `.lora_down/.lora_up.weight` `.alpha` |
 | PEFT | `base_model.model.blocks.0.self_attn.q` or bare | `.lora_A[.default].weight` `.lora_B[.default].weight` |
 | diffusers | `transformer.blocks.0.attn1.to_q` (or bare) | `.lora_A.weight` `.lora_B.weight` (`.alpha`) |
 

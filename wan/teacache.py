@@ -29,8 +29,6 @@ unconditional call there runs its blocks (the trace in `teacache_trace_*` depend
 import contextlib
 import functools
 
-import torch
-
 COEFFICIENTS = {
     "wan2.1-1.3b": [-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2],
     "wan2.1-t2v-14b": [-3.03318725e5, 4.90537029e4, -2.65530556e3, 5.87365115e1, -3.15583525e-1],

@@ -123,7 +123,8 @@ def make_tiny(folder, seed=0, mode="inp"):
 def _register(mode, description, fields, optional, file_kinds):
     register(ExtensionTask(
         name=f"fun-{mode}", description=description, fields=fields, optional=optional, file_kinds=file_kinds,
-        check_folder=lambda folder: check_folder(folder, mode), load=lambda folder, args, config: load(folder, args, config, mode),
+        check_folder=lambda folder: check_folder(folder, mode),
+        load=lambda folder, args, config: load(folder, args, config, mode),
         make_tiny=lambda folder, seed=0: make_tiny(folder, seed, mode), defaults=FUN_DEFAULTS))
 
 

@@ -72,7 +72,7 @@ def _sample_trace(case, cache):
                 cache.attach(model)
     boundary = (meta.get("boundary") or 0) * 1000
     sigmas, timesteps = case.outputs["sigmas"], case.outputs["timesteps"]
-    latents, y = inputs["latents"], inputs.get("y")
+    latents = inputs["latents"]
     kwargs = {k: inputs[k] for k in ("y", "clip_fea", "full_ref", "y_camera") if k in inputs}
     branches = []
     for i, t in enumerate(timesteps):

@@ -40,7 +40,7 @@ class FunWanModel(WanModel):
     @classmethod
     def from_config(cls, config):
         """Builds from a config dict (VideoX-Fun's `config.json` keys included), ignoring foreign keys."""
-        accepted = set(inspect.signature(WanModel.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
+        accepted = {*inspect.signature(WanModel.__init__).parameters, *inspect.signature(cls.__init__).parameters}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in accepted})
 
     @property
