@@ -98,3 +98,25 @@ def test_fun_condition_channels(components):
     _, kwargs, _ = inp._condition(settings, FunInputs(start_image=image, end_image=image))
     mask = kwargs["y"][0, :4]
     assert mask[:, 0].min() == 1 and mask[:, 1, 0, 0].tolist() == [0, 0, 0, 1]  # last pixel frame known
+
+
+def test_fun_wan22_control_experts_share_teacache_and_cfg_skip(tmp_path):
+    from pipelines.extensions.fun import make_tiny
+    from wan.teacache import TeaCache, teacache_coefficients
+
+    components = load_fun_components(make_tiny(tmp_path / "wan22", mode="control", wan22=True))
+    cache = TeaCache(teacache_coefficients("Wan2.2-Fun-A14B-Control"), num_steps=4, threshold=0.1, skip_start_steps=1)
+    pipeline = FunPipeline(components, "control", teacache=cache, cfg_skip_ratio=0.25)
+    _, kwargs, _ = pipeline._condition(SampleSettings(size="64*64", frame_num=5).resolved(components.preset),
+                                       FunInputs(start_image=torch.rand(3, 64, 64) * 2 - 1,
+                                                 control_video=torch.rand(3, 5, 64, 64) * 2 - 1))
+    assert kwargs["y"].shape == (1, 36, 2, 8, 8) and "clip_fea" not in kwargs  # control + mask + masked
+    assert kwargs["y"][0, 16:20, 0].min() == 1 and kwargs["y"][0, 16:20, 1].max() == 0  # start frame known
+    video = pipeline.generate("a dancer", FunInputs(ref_image=torch.rand(3, 64, 64) * 2 - 1,
+                                                    control_video=torch.rand(3, 5, 64, 64) * 2 - 1),
+                              SampleSettings(size="64*64", frame_num=5, sample_steps=4), progress=False)
+    assert video.shape == (3, 5, 64, 64) and torch.isfinite(video).all()
+    assert [e for _, e in pipeline.expert_trace] == ["high_noise_model"] * 2 + ["low_noise_model"] * 2
+    # one cache across both experts: the switch is a large change of e0 and runs the blocks
+    switch = cache.trace[2]
+    assert switch["computed"] and switch["rel"] > 0.1

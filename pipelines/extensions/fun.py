@@ -36,9 +36,11 @@ SETTING_FIELDS = ("frame_num", "sample_steps", "sample_shift", "guide_scale")
 # VideoX-Fun's predict scripts: 81 frames at 16 fps, 50 steps, guidance 6.0, shift 5 (FACTS section 7).
 FUN_DEFAULTS = dict(size="832*480", frame_num=81, sample_steps=50, sample_shift=5.0, guide_scale=6.0,
                     teacache_threshold=0.0, teacache_skip_start_steps=5, teacache_model=None, cfg_skip_ratio=0.0)
-# mode -> (in_dim, FunWanModel extras) of the tiny checkpoints (Wan2.1-Fun V1.1 layouts)
-TINY_MODELS = {"inp": (36, {}), "control": (48, {"add_ref_conv": True}),
-               "camera": (32, {"add_control_adapter": True})}
+# (mode, Wan2.2) -> (in_dim, FunWanModel extras) of the tiny checkpoints (V1.1 / Wan2.2-Fun layouts)
+TINY_MODELS = {("inp", False): (36, {}), ("control", False): (48, {"add_ref_conv": True}),
+               ("camera", False): (32, {"add_control_adapter": True}),
+               ("inp", True): (36, {}), ("control", True): (52, {"add_ref_conv": True}),
+               ("camera", True): (36, {"add_control_adapter": True})}
 
 
 def check_folder(folder, mode):
@@ -107,16 +109,20 @@ def load(folder, args, config, mode):
     return FunTask(pipeline)
 
 
-def make_tiny(folder, seed=0, mode="inp"):
-    """A tiny Wan2.1-Fun V1.1 folder of `mode` (official layout; random weights)."""
+def make_tiny(folder, seed=0, mode="inp", wan22=False):
+    """A tiny Wan2.1-Fun V1.1 folder of `mode` (official layout; random weights), or with `wan22` a
+    Wan2.2-Fun A14B one (two experts, no CLIP)."""
     folder = Path(folder)
-    make_tiny_checkpoint("i2v", folder, seed)
-    in_dim, extras = TINY_MODELS[mode]
-    config = {**json.loads((folder / "config.json").read_text()), "in_dim": in_dim, **extras,
-              "_class_name": "WanTransformer3DModel"}
-    torch.manual_seed(seed)
-    save_state_dict(FunWanModel.from_config(config).state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    make_tiny_checkpoint("i2v-A14B" if wan22 else "i2v", folder, seed)
+    in_dim, extras = TINY_MODELS[mode, wan22]
+    expert_dirs = [folder / "high_noise_model", folder / "low_noise_model"] if wan22 else [folder]
+    for i, expert_dir in enumerate(expert_dirs):
+        config = {**json.loads((expert_dir / "config.json").read_text()), "in_dim": in_dim, **extras,
+                  "_class_name": "WanTransformer3DModel"}
+        torch.manual_seed(seed + i)
+        save_state_dict(FunWanModel.from_config(config).state_dict(),
+                        expert_dir / "diffusion_pytorch_model.safetensors")
+        (expert_dir / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
