@@ -49,7 +49,7 @@ def test_fun_training_dataset_reads_aligned_control_video(data):
 
 
 @pytest.mark.parametrize("mode", ["inpaint", "control"])
-def test_fun_training_mode_runs_the_shared_loop(mode, data, tmp_path):
+def test_fun_training_mode_conditions(mode, data, tmp_path):
     root, encoders = data
     cfg = load_config(TINY, [*FUN_MODEL, f"fun.train_mode={mode}", f"data.path={root / 'meta.json'}",
                              "fun.condition_dropout=0.0", *encoders])
@@ -63,8 +63,9 @@ def test_fun_training_mode_runs_the_shared_loop(mode, data, tmp_path):
         assert inputs["y"][:, 16:].abs().max() == 0
     else:
         assert ((inputs["y"][:, :4] == 0) | (inputs["y"][:, :4] == 1)).float().mean() > 0.5
-    history = train(cfg, tmp_path)
-    assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
+    if mode == "control":  # the shared loop on JSON data with control videos
+        history = train(cfg, tmp_path)
+        assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
 
 
 def test_fun_training_config_errors(data):
