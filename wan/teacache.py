@@ -104,11 +104,12 @@ class TeaCache:
 
     def attach(self, model):
         """Routes the blocks of every WanModel in `model` (one, or both experts of a WanMoE) through this
-        cache; `detach` undoes it. Returns the model."""
+        cache, replacing any cache attached before; `detach` undoes it. Returns the model."""
         from wan.modules.model import WanModel
 
         for module in model.modules():
-            if isinstance(module, WanModel) and "run_blocks" not in vars(module):
+            if isinstance(module, WanModel):
+                vars(module).pop("run_blocks", None)
                 module.run_blocks = functools.partial(self._run_blocks, module.run_blocks)
         return model
 
