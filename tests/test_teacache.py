@@ -6,6 +6,7 @@ import torch
 from pipelines.loading import load_components
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
 from pipelines.wan_video import SampleSettings, WanVideoPipeline
+from wan.modules.model import WanModel
 from wan.modules.moe import WanMoE
 from wan.samplers.cfg_skip import cfg_skipped
 from wan.teacache import COEFFICIENTS, TeaCache, polynomial, teacache_coefficients
@@ -99,11 +100,12 @@ def test_teacache_negative_polynomial_never_lowers_the_accumulator():
 
 def test_teacache_is_shared_by_both_moe_experts(components):
     dit = components.dit
-    moe = WanMoE(dit, dit.__class__.from_config(dict(model_type="t2v", dim=32, ffn_dim=64, num_heads=2,
-                                                        num_layers=2, freq_dim=32, text_dim=32, text_len=32)),
-                 boundary=0.9)
+    moe = WanMoE(dit, WanModel(model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32,
+                               text_dim=32, text_len=32), boundary=0.9)
     cache = _cache(0.1).attach(moe)
     assert "run_blocks" in vars(moe.high_noise_model) and "run_blocks" in vars(moe.low_noise_model)
+    other = _cache(0.2).attach(moe)  # a new cache replaces the old one, no double wrapping
+    assert moe.low_noise_model.run_blocks.func.__self__ is other
+    assert moe.low_noise_model.run_blocks.args[0].__func__ is WanModel.run_blocks
     TeaCache.detach(moe)
-    assert "run_blocks" not in vars(moe.high_noise_model)
-    del cache
+    assert "run_blocks" not in vars(moe.high_noise_model) and cache is not other
