@@ -102,9 +102,11 @@ def test_teacache_is_shared_by_both_moe_experts(components):
     dit = components.dit
     moe = WanMoE(dit, WanModel(model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32,
                                text_dim=32, text_len=32), boundary=0.9)
-    cache = _cache(0.1).attach(moe)
+    cache = _cache(0.1)
+    assert cache.attach(moe) is moe
     assert "run_blocks" in vars(moe.high_noise_model) and "run_blocks" in vars(moe.low_noise_model)
-    other = _cache(0.2).attach(moe)  # a new cache replaces the old one, no double wrapping
+    other = _cache(0.2)
+    other.attach(moe)  # a new cache replaces the old one, no double wrapping
     assert moe.low_noise_model.run_blocks.func.__self__ is other
     assert moe.low_noise_model.run_blocks.args[0].__func__ is WanModel.run_blocks
     TeaCache.detach(moe)
