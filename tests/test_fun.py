@@ -137,3 +137,18 @@ def test_fun_golden_camera_plucker_cases():
     runners = load_runners()
     for path in cases:
         runners["camera_plucker"](load_case(path))
+
+
+def test_fun_wan22_control_ref_batch_matches_the_reference():
+    """Wan2.2-Fun Control with ref_conv, a CFG batch of two with prompts of different lengths: the
+    `fp8_transformer` case holds the reference's unquantized output of the same weights."""
+    from golden_kinds import assert_close, load_case
+    from golden_kinds.fun import build_fun_model, contexts
+
+    case = load_case(EXT_DIR / "fun" / "golden" / "fp8_transformer.safetensors")
+    model = build_fun_model(case)
+    assert model.has_ref_conv and not model.image_branch
+    with torch.no_grad():
+        out = model(case.inputs["x"], case.inputs["t"], contexts(case), y=case.inputs["y"],
+                    full_ref=case.inputs["full_ref"])
+    assert_close(out, case.outputs["out_unquantized"], atol=1e-4, name="fun22 control ref")
