@@ -273,7 +273,20 @@ class DiscardWriter:
         pass
 
 
-def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, components):
+class TeeWriter:
+    """A video writer that also hands every frame to `on_frame` as it is written (app.py streams them)."""
+
+    def __init__(self, writer, on_frame):
+        self.writer = writer
+        self.on_frame = on_frame
+
+    def append_data(self, frame):
+        self.writer.append_data(frame)
+        self.on_frame(frame)
+
+
+def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, components, on_frame=None):
+    """Writes one mp4 + JSON sidecar per job; `on_frame(uint8 [H, W, 3])` also sees every frame as written."""
     if isinstance(preset, ExtensionTask):
         runner = ExtensionRunner(components, settings)
     elif is_causal(config):
@@ -292,7 +305,7 @@ def generate_all(args, is_main, preset, config, settings, fps, jobs, loras, comp
         stem = output_stem(index, job.prompt)
         tmp = out_dir / f".{stem}.tmp.mp4"
         with video_writer(tmp, fps) if is_main else nullcontext(DiscardWriter()) as writer:
-            used = runner.run(job, images, base_seed + index, writer)
+            used = runner.run(job, images, base_seed + index, TeeWriter(writer, on_frame) if on_frame else writer)
         if not is_main:
             continue
         os.replace(tmp, out_dir / f"{stem}.mp4")

@@ -11,7 +11,8 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest", "diffusers>=0.33", "accelerate", "sentencepiece", "peft"],
+        "test": ["pytest", "diffusers>=0.33", "accelerate", "sentencepiece", "peft", "playwright"],
+        "app": ["gradio>=5"],
         "flash": ["flash-attn"],
     },
 )

@@ -20,7 +20,8 @@ from trainers.loop import train
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", required=True, help="training config, .yaml or .toml")
-    parser.add_argument("--logdir", required=True, help="folder for checkpoints, metrics.jsonl and config.yaml")
+    parser.add_argument("--logdir", help="folder for checkpoints, metrics.jsonl and config.yaml "
+                                         "(default: the config's output_dir)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from the newest checkpoint in logdir, or from the given checkpoint folder")
     parser.add_argument("--disable-wandb", action="store_true", help="force logging.wandb off")
@@ -38,7 +39,10 @@ def main(argv=None):
         cfg = load_config(args.config_path, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    train(cfg, args.logdir, args.resume)
+    logdir = args.logdir or cfg.output_dir
+    if logdir is None:
+        sys.exit("error: give --logdir or set output_dir in the config")
+    train(cfg, logdir, args.resume)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ cache of the earlier blocks. The finished block then runs once more at timestep 
 that later blocks attend to the keys and values of the clean block rather than a noisy step's.
 The few-step pipeline uses the distilled model's `denoising_step_list`; the multi-step pipeline any
 sampler of `wan.samplers` with classifier-free guidance, the conditional and the unconditional branch
-each with its own caches. Blocks come out as soon as they are done (`generate` yields latents,
-`stream_video` pixels through the streaming VAE decoder), for any number of frames.
+each with its own caches. Conditions of the whole video (I2V's `y` and CLIP tokens, pose tokens as
+`add_condition`) are given once and sliced per block. Blocks come out as soon as they are done
+(`generate` yields latents, `stream_video` pixels through the streaming VAE decoder), for any
+number of frames.
 """
 
+import math
 from itertools import accumulate
 
 import torch
@@ -52,7 +55,7 @@ class CausalPipeline:
 
     @torch.no_grad()
     def generate(self, context, num_frames, latent_size, negative_context=None, prefix=None, noise=None,
-                 generator=None):
+                 generator=None, *, y=None, clip_fea=None, add_condition=None):
         """Yields the latents of each finished block, [B, C, F_block, h, w] float32, in order.
 
         context: text embeddings [B, Lt, text_dim] (or a list of [Lt_i, text_dim]); negative_context
@@ -62,6 +65,10 @@ class CausalPipeline:
             to continue), P on a block boundary; its blocks are written to the cache and yielded as is.
         noise: [B, C, num_frames - P, h, w] starting noise; by default each block draws its own from
             `generator`, which also feeds samplers that re-noise.
+        y: condition channels of the whole video [B, Cy, num_frames, h, w] (Wan2.1 I2V), both branches.
+        clip_fea: CLIP image tokens [B, 257, 1280], both branches.
+        add_condition: token condition of the whole video [B, num_frames * tokens_per_frame, dim] (pose
+            tokens), computed once; each block takes its frames' slice, on the conditional branch only.
         """
         model = self.model
         sizes = model.block_sizes(num_frames)
@@ -70,22 +77,26 @@ class CausalPipeline:
         if given not in boundaries:
             raise ValueError(f"prefix of {given} frames does not end on a block boundary; blocks of "
                              f"{num_frames} frames start at {boundaries}")
-        branches = [(model.new_kv_cache(), model.cross_cache(context))]
+        tokens_per_frame = math.prod(latent_size) // math.prod(model.model.patch_size[1:])
+        check_video_condition(y, add_condition, num_frames, tokens_per_frame)
+        branches = [(model.new_kv_cache(), model.cross_cache(context, clip_fea), add_condition)]
         if self.guide_scale != 1:
             if negative_context is None:
                 raise ValueError(f"guide_scale {self.guide_scale} needs negative_context")
-            branches.append((model.new_kv_cache(), model.cross_cache(negative_context)))
-        channels, device = model.model.in_dim, model.model.device
+            branches.append((model.new_kv_cache(), model.cross_cache(negative_context, clip_fea), None))
+        channels, device = model.model.out_dim, model.model.device
         for start, size in zip(boundaries, sizes):
+            block = [(kv, cross, block_condition(y, condition, start, size, tokens_per_frame))
+                     for kv, cross, condition in branches]
             if start < given:
                 latents = prefix[:, :, start:start + size].to(device, torch.float32)
             else:
                 x = (torch.randn(len(context), channels, size, *latent_size, generator=generator, device=device)
                      if noise is None else noise[:, :, start - given:start - given + size].to(device))
-                latents = self._denoise(x, start, branches, generator)
+                latents = self._denoise(x, start, block, generator)
             yield latents
             if start + size < num_frames:
-                self._write_context(latents, start, branches, generator)
+                self._write_context(latents, start, block, generator)
 
     def _denoise(self, x, start, branches, generator):
         self.sampler.reset()
@@ -96,7 +107,7 @@ class CausalPipeline:
     def _predict(self, x, t, start, branches):
         """Flow prediction of the block, guided when there are two branches."""
         t = torch.full((x.shape[0],), float(t), device=x.device)
-        flows = [self.model.forward_block(x, t, start, kv, cross) for kv, cross in branches]
+        flows = [self.model.forward_block(x, t, start, kv, cross, **inputs) for kv, cross, inputs in branches]
         if len(flows) == 1:
             return flows[0]
         cond, uncond = flows
@@ -109,8 +120,8 @@ class CausalPipeline:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
             latents = (1 - sigma) * latents + sigma * noise
         t = torch.full((latents.shape[0],), float(self.context_noise), device=latents.device)
-        for kv, cross in branches:
-            self.model.forward_block(latents, t, start, kv, cross)
+        for kv, cross, inputs in branches:
+            self.model.forward_block(latents, t, start, kv, cross, **inputs)
 
     @torch.no_grad()
     def stream_video(self, vae, *args, tiled=False, **kwargs):
@@ -120,6 +131,25 @@ class CausalPipeline:
         decoder = StreamingDecoder(vae, tiled=tiled)
         for latents in self.generate(*args, **kwargs):
             yield decoder.decode(latents)
+
+
+def check_video_condition(y, add_condition, num_frames, tokens_per_frame):
+    """Whole-video conditions must cover every latent frame, so that each block finds its slice."""
+    if y is not None and y.shape[2] != num_frames:
+        raise ValueError(f"y covers {y.shape[2]} latent frames, the video has {num_frames}")
+    if add_condition is not None and add_condition.shape[1] != num_frames * tokens_per_frame:
+        raise ValueError(f"add_condition has {add_condition.shape[1]} tokens; {num_frames} latent frames of "
+                         f"{tokens_per_frame} tokens need {num_frames * tokens_per_frame}")
+
+
+def block_condition(y, add_condition, start, size, tokens_per_frame):
+    """`forward_block`'s y and add_condition for the block of latent frames [start, start + size)."""
+    inputs = {}
+    if y is not None:
+        inputs["y"] = y[:, :, start:start + size]
+    if add_condition is not None:
+        inputs["add_condition"] = add_condition[:, start * tokens_per_frame:(start + size) * tokens_per_frame]
+    return inputs
 
 
 def causal_model_from_config(model, config):

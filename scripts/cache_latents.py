@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.config import ConfigError, dit_config, load_config  # noqa: E402
+from trainers.config import ConfigError, dit_config, load_config, trainer_class  # noqa: E402
 from trainers.data import build_dataset  # noqa: E402
 from trainers.encoders import Encoders  # noqa: E402
 from wan.checkpoint import save_state_dict  # noqa: E402
@@ -31,6 +31,10 @@ log = logging.getLogger("cache_latents")
 
 def cache_latents(cfg, output_dir, rank=0, world_size=1, device="cpu"):
     """Encodes samples rank, rank + world_size, ... of the config's dataset; returns (written, skipped)."""
+    trainer = trainer_class(cfg.trainer)
+    if hasattr(trainer, "dataset"):  # e.g. multiref: its samples carry more than a video and a caption
+        raise ConfigError(f"trainer {cfg.trainer} reads its own dataset and caches its encodings itself "
+                          f"(multiref: cache_latents = true in the dataset TOML); this script does not apply")
     if cfg.data.kind not in ("videos", "json"):
         raise ConfigError(f"cache_latents encodes raw data: data.kind must be videos or json, not {cfg.data.kind}")
     output_dir = Path(output_dir)

@@ -29,7 +29,9 @@ def main():
         if args.format != "official":
             parser.error(f"--task {args.task} writes its own layout; drop --format")
         extensions[args.task].make_tiny(Path(args.output_dir), args.seed)
-    elif args.format == "official":
+        print(f"wrote a tiny {args.task} checkpoint to {args.output_dir}")
+        return
+    if args.format == "official":
         make_tiny_checkpoint(args.task, args.output_dir, args.seed)
     else:
         with tempfile.TemporaryDirectory() as tmp:

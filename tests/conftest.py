@@ -27,6 +27,17 @@ def randomize(model, std=0.05, seed=0):
     return model
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One thread: tiny tensors run fastest so, as each torchrun process of the multi-process tests
+    does, and they do not suffer when other work holds the cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config():
     return tiny_dit_config

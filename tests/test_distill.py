@@ -25,7 +25,9 @@ from pipelines.causal import CausalPipeline
 from pipelines.tiny_checkpoint import TINY_T5, make_tiny_checkpoint
 from scripts.generate_ode_pairs import main as generate_ode_pairs_main
 from scripts.generate_ode_pairs import ode_trajectory
-from test_train import losses, run_train_cli, single_thread  # noqa: F401 (autouse fixture)
+from test_train import losses, run_train_cli
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 from trainers.config import ConfigError, dit_config, load_config
 from trainers.data import LatentDataset
 from trainers.distillation import DistillInputs, ScoreDistillation, ScoreTimesteps, dmd_loss, sid_loss

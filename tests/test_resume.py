@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_train import TINY, losses, run_train_cli, single_thread  # noqa: F401 (autouse fixture)
+from test_train import TINY, losses, run_train_cli
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 from trainers.checkpointing import Checkpointer
 from trainers.config import load_config
 from trainers.loop import train

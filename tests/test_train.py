@@ -33,6 +33,8 @@ COLORS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -
 VAE_CONFIG = dict(dim=8, num_res_blocks=1)
 T5_CONFIG = dict(vocab=64, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=1)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def moving_square(index):
     """[FRAMES, SIZE, SIZE, 3] uint8: a coloured 8x8 square crossing a grey frame, and its caption."""
@@ -86,14 +88,6 @@ def run_train_cli(args, nproc=None, **popen):
     return subprocess.Popen(launcher + [str(REPO_ROOT / "train.py"), *map(str, args)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and a busy machine slows multi-threaded ones badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -168,14 +168,6 @@ def tiny_t2v(tmp_path_factory):
     return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """The 1-process reference runs in this process with one thread, as each torchrun process does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def videos_of_one_and_two_processes(tmp_path, args, parallel):
     """Runs inference.py in this process and on 2 (torchrun, with the `parallel` options); returns the

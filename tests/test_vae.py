@@ -17,14 +17,8 @@ from wan.convert_vae import (VAE_CLASSES, config_from_diffusers, diffusers_confi
 from wan.modules.vae_streaming import StreamingDecoder
 from wan.modules.vae_tiling import tiled_apply
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small run faster on one thread, and do not suffer when other work holds the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _stats(z_dim, seed):

@@ -10,6 +10,7 @@ A trainer class is registered with `@register_trainer("name")` and provides:
     loss(batch, generator) -> (loss, {"tokens": n, ...}): one micro-batch; its randomness from `generator`;
         other metrics (floats) are logged beside the loss
 and optionally:
+    dataset(): its own dataset (a `trainers.data.SampleSet`) instead of `build_dataset(cfg.data)`
     defaults: a YAML file of config sections of its own, merged into the defaults when it is chosen
     open_maps: keys of those sections that take free-form entries (as `model.config`)
 A trainer of several networks (trainers/distillation.py) makes `model` an nn.ModuleDict of them,
@@ -33,4 +34,4 @@ def register_trainer(name):
     return register
 
 
-from . import diffusion, distillation, fun, ode  # noqa: E402,F401  (registers the trainers)
+from . import diffusion, distillation, fun, multiref, ode, pose  # noqa: E402,F401  (registers the trainers)

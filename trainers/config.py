@@ -27,7 +27,10 @@ def read_config_file(path):
         raise ConfigError(f"config file not found: {path}")
     if path.suffix == ".toml":
         with open(path, "rb") as f:
-            return OmegaConf.create(tomllib.load(f))
+            data = tomllib.load(f)
+        from .multiref import config_from_pipe_toml, is_pipe_toml
+
+        return OmegaConf.create(config_from_pipe_toml(data, path) if is_pipe_toml(data) else data)
     return OmegaConf.load(path)
 
 

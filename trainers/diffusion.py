@@ -159,11 +159,15 @@ class DiffusionTrainer:
         else:
             uniform = bool((sigma == sigma[:, :1]).all())
             t = sigma[:, 0] * 1000 if uniform else (sigma * 1000).repeat_interleave(tokens_per_frame, dim=1)
-            pred = self.model(with_y(xt), t, context, clip_fea=clip_fea)
+            pred = self.model(with_y(xt), t, context, clip_fea=clip_fea, **self.model_inputs(inputs, generator))
         error = (pred.float() - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, F]
         weight = (sigma > 0).float()  # frames given clean (ti2v's first frame) carry no loss
         loss = (error * weight).sum() / weight.sum()
         return loss, {"tokens": x0.shape[0] * x0.shape[2] * tokens_per_frame}
+
+    def model_inputs(self, inputs, generator):
+        """Keyword inputs of `model` beyond the DiT's (a subclass's conditions, e.g. the pose trainer's)."""
+        return {}
 
     # -- timesteps --------------------------------------------------------------------------------
 

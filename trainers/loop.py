@@ -97,7 +97,7 @@ def run(cfg, logdir, resume, env):
 
     micro_batches = cfg.train.total_batch_size // cfg.train.batch_size  # per step, all processes
     accumulation = micro_batches // env.world_size
-    dataset = build_dataset(cfg.data, cfg.seed)
+    dataset = trainer.dataset() if hasattr(trainer, "dataset") else build_dataset(cfg.data, cfg.seed)
     loader = iter(build_loader(dataset, cfg.train.batch_size, cfg.seed, start=step * micro_batches + env.rank,
                                stride=env.world_size, num_workers=cfg.data.num_workers))
     logger = MetricLogger(cfg, logdir, env.is_main, step)

@@ -3,6 +3,7 @@ unmerge, and the LoRA file format that ComfyUI and diffusers load for Wan.
 
     names = inject_lora(model, ["blocks.*.self_attn.q", "blocks.*.cross_attn.k_img"], rank=16)
     save_lora(model, "lora.safetensors")       # diffusion_model.<module>.lora_A.weight / .lora_B.weight / .alpha
+    save_lora_diffusers(model, "lora.safetensors")   # transformer.<diffusers module>.lora_A/B.weight
     load_lora(model, "lora.safetensors", scale=0.8)   # injects modules shaped as the file and loads it
     merge_lora(model); unmerge_lora(model)     # unmerge restores the original weights bit for bit
     fuse_lora(model, "lora.safetensors", 0.8)  # inference: adds the update into plain weights (stackable)
@@ -132,6 +133,28 @@ def save_lora(model, path, tensors=None):
     if tensors is None:
         tensors = {name: p for name, p in model.named_parameters() if ".lora_" in name}
     save_state_dict(lora_file_state(tensors, lora_alphas(model)), path, metadata={"format": "pt"})
+
+
+def diffusers_module(name):
+    """An official module name (`blocks.0.cross_attn.k_img`) -> diffusers' (`blocks.0.attn2.add_k_proj`),
+    through the DiT key table."""
+    return next(iter(DIT_DIFFUSERS_TABLE.to_target({name + ".weight": None})))[:-len(".weight")]
+
+
+def save_lora_diffusers(model, path, tensors=None):
+    """Writes the model's LoRA (or `tensors` gathered from it) as diffusers saves one for Wan:
+    `transformer.<diffusers module>.lora_A.weight` / `lora_B.weight`, no alpha (diffusers then takes
+    alpha = rank), so alpha / rank is folded into lora_B."""
+    if tensors is None:
+        tensors = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    alphas = lora_alphas(model)
+    state = {}
+    for key, value in tensors.items():
+        module, _, leaf = key.partition(".lora_")
+        if leaf.startswith("B"):
+            value = value.float() * (alphas[module] / value.shape[1])
+        state[f"{DIFFUSERS_PREFIX}{diffusers_module(module)}.lora_{leaf}"] = value.to(tensors[key].dtype)
+    save_state_dict(state, path, metadata={"format": "pt"})
 
 
 def _official_module(name):

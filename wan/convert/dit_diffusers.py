@@ -39,8 +39,14 @@ def dit_to_diffusers(state_dict):
     return DIT_DIFFUSERS_TABLE.to_target(state_dict)
 
 
+# Keys some diffusers-layout files carry that no module has (SkyReels-A2 lists `norm_added_q` as
+# ignorable on load, but never creates it): dropped on conversion.
+IGNORED_DIFFUSERS_KEYS = (".attn2.norm_added_q.",)
+
+
 def dit_from_diffusers(state_dict):
-    return DIT_DIFFUSERS_TABLE.to_source(state_dict)
+    return DIT_DIFFUSERS_TABLE.to_source({k: v for k, v in state_dict.items()
+                                          if not any(part in k for part in IGNORED_DIFFUSERS_KEYS)})
 
 
 def config_to_diffusers(config):

@@ -77,12 +77,25 @@ class CausalWanModel(nn.Module):
         return tuple(a.view(t.shape[0], frames, *a.shape[2:]).repeat_interleave(tokens_per_frame, 1)
                      for a in (e, e0))
 
-    def forward(self, x, t, context, clip_fea=None):
+    def embed_input(self, x, y=None, add_condition=None):
+        """x [B, C, F, H, W] (+ condition channels y [B, Cy, F, H, W]) -> tokens [B, L, C] with the
+        token condition add_condition [B, L, C] added (as `WanModel.forward`), and the grid."""
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        tokens, grid = self.model.embed_tokens(x)
+        if add_condition is not None:
+            if add_condition.shape[:2] != tokens.shape[:2]:
+                raise ValueError(f"add_condition {tuple(add_condition.shape)} does not match the "
+                                 f"{tuple(tokens.shape[:2])} (batch, tokens) of the input")
+            tokens = tokens + add_condition.float()
+        return tokens, grid
+
+    def forward(self, x, t, context, clip_fea=None, *, y=None, add_condition=None):
         """Whole clip under the block-causal mask.
-        x: [B, C, F, H, W].  t: [B] or [B, F].  context, clip_fea: as `WanModel.forward`.
+        x: [B, C, F, H, W].  t: [B] or [B, F].  context, clip_fea, y, add_condition: as `WanModel.forward`.
         Returns [B, out_dim, F, H, W] fp32."""
         model = self.model
-        tokens, grid = model.embed_tokens(x)
+        tokens, grid = self.embed_input(x, y, add_condition)
         e, e0 = self.embed_time(t, grid)
         mask = self.attention_mask(grid[0], grid[1] * grid[2], tokens.device)
         tokens = model.run_blocks(tokens, e0, model.rope(grid, tokens.device),
@@ -98,17 +111,20 @@ class CausalWanModel(nn.Module):
         """The prompt's cross-attention keys and values for every layer (once per prompt)."""
         return CrossAttentionCache(self.model, context, clip_fea)
 
-    def forward_block(self, x, t, start, kv_cache, cross_cache=None, context=None, clip_fea=None):
+    def forward_block(self, x, t, start, kv_cache, cross_cache=None, context=None, clip_fea=None, *, y=None,
+                      add_condition=None):
         """One block over the cache of earlier blocks.
         x: [B, C, F, H, W], the block's F latent frames, which start at frame `start` of the video.
         t: [B] or [B, F].  Writes the block's keys and values into `kv_cache` (see `kv_cache`).
         cross_cache: the prompt's `cross_cache`; or else `context` (and `clip_fea`), embedded by this
             call (training, where FSDP gathers the sharded weights only inside a module's forward).
+        y: the block's frames of the condition channels [B, Cy, F, H, W].  add_condition: the block's
+            slice [B, L_block, C] of the video's token condition (e.g. pose tokens).
         With autograd recording, each layer attends through a `BlockAttention` and blocks marked for
         activation checkpointing are recomputed in backward.
         Returns [B, out_dim, F, H, W] fp32."""
         model = self.model
-        tokens, grid = model.embed_tokens(x)
+        tokens, grid = self.embed_input(x, y, add_condition)
         kv_cache.begin_block(start, grid[0], grid[1] * grid[2])
         e, e0 = self.embed_time(t, grid)
         rope = self.block_rope(grid, start, tokens.device)
