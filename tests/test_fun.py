@@ -11,6 +11,8 @@ from wan.configs.fun import FUN_MODELS
 from wan.modules.fun import FunWanModel
 from wan.modules.model import WanModel
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MANIFESTS = sorted((EXT_DIR / "fun" / "manifests").glob("*.json"))
 TINY = dict(model_type="i2v", dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16,
             clip_dim=32, clip_tokens=5)

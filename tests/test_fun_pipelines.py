@@ -14,6 +14,8 @@ from pipelines.fun import FunInputs, FunPipeline, load_fun_components
 from pipelines.video_io import save_video
 from pipelines.wan_video import SampleSettings
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "prompts" / "images" / "first_frame.png"
 

@@ -12,6 +12,8 @@ from trainers.data import VideoDataset
 from trainers.fun import INPAINT_PATTERNS, FunTrainer, inpaint_mask, mask_channels
 from trainers.loop import train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FUN_MODEL = ["trainer=fun", "model.config.in_dim=36", "model.config.model_type=i2v", "model.config.image_branch=false",
              "data.kind=json", "train.max_steps=2", "train.batch_size=1", "train.total_batch_size=1",
              "model.gradient_checkpointing=false"]

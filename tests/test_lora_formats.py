@@ -10,6 +10,8 @@ from wan.lora import fuse_lora
 from wan.lora_formats import lora_format, merge_lora_files, read_lora_for
 from wan.modules.model import WanModel
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # official module -> its diffusers name (written out here, independent of the key table)
 MODULES = {
     "blocks.0.self_attn.q": "blocks.0.attn1.to_q",

@@ -11,6 +11,8 @@ from wan.modules.moe import WanMoE
 from wan.samplers.cfg_skip import cfg_skipped
 from wan.teacache import COEFFICIENTS, TeaCache, polynomial, teacache_coefficients
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SETTINGS = dict(size="64*64", frame_num=5, sample_steps=6, seed=2)
 PROMPT = "a boat on a lake at dawn"
 
