@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from wan.samplers import get_sampler
+from wan.samplers.cfg_skip import cfg_skipped
 
 from .conditioning import first_frame_token_mask, image_latent_grid, image_to_video_condition, known_frame_mask
 from .validation import InvalidInput, check_frame_num, check_positive, check_size
@@ -52,14 +53,20 @@ class WanVideoPipeline:
     offload_model: keep the DiT on the CPU except while sampling (the A14B MoE moves only the
         active expert to the device).
     vae_tiling: encode/decode in overlapping spatial tiles (bounded memory at 720p).
+    teacache: a `wan.teacache.TeaCache` skipping the DiT blocks on steps whose timestep embedding
+        barely changed (reset and attached to the DiT at each generation); None runs every step.
+    cfg_skip_ratio: the last fraction of the steps runs only the conditional branch (0: never).
     """
 
-    def __init__(self, components, device="cpu", offload_model=False, vae_tiling=False):
+    def __init__(self, components, device="cpu", offload_model=False, vae_tiling=False, teacache=None,
+                 cfg_skip_ratio=0.0):
         self.components = components
         self.preset = components.preset
         self.device = torch.device(device)
         self.offload_model = offload_model
         self.vae_tiling = vae_tiling
+        self.teacache = teacache
+        self.cfg_skip_ratio = cfg_skip_ratio
         self.expert_trace = []  # (timestep, expert) per step of the last A14B generation
 
     @property
@@ -105,6 +112,17 @@ class WanVideoPipeline:
         token_mask = first_frame_token_mask(latent_shape[1], latent_shape[2], latent_shape[3], self.preset.patch_size)
         return (token_mask.to(self.device) * t)[None]
 
+    @staticmethod
+    def _predict(dit, latent, timestep, contexts, kwargs, cond_only=False):
+        """(cond, uncond) flow predictions: one batch [cond, uncond], or with `cond_only` (cfg skip)
+        the conditional prediction for both."""
+        if cond_only:
+            pred = dit(latent[None], timestep, contexts[:1], **kwargs)[0]
+            return pred, pred
+        batch = latent[None].expand(2, *latent.shape)
+        return dit(batch, timestep.expand(2, *timestep.shape[1:]), contexts,
+                   **{k: torch.cat([v, v]) for k, v in kwargs.items()})
+
     @torch.no_grad()
     def generate(self, prompt, image=None, last_image=None, settings=None, progress=True):
         """Returns the video [3, F, H, W] in [-1, 1] on the CPU (float32).
@@ -128,12 +146,14 @@ class WanVideoPipeline:
                               num_train_timesteps=self.preset.num_train_timesteps)
         boundary = (self.preset.moe_boundary or 0) * self.preset.num_train_timesteps
         self.expert_trace = []
+        if self.teacache is not None:
+            self.teacache.reset(num_steps=sampler.num_steps)
+            self.teacache.attach(dit)
         steps = tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)
         for i, t in enumerate(steps):
             timestep = self._timestep(t, shape, image_latent)
-            batch = latent[None].expand(2, *latent.shape)
-            pred_cond, pred_uncond = dit(batch, timestep.expand(2, *timestep.shape[1:]), [context, context_null],
-                                         **{k: torch.cat([v, v]) for k, v in kwargs.items()})
+            pred_cond, pred_uncond = self._predict(dit, latent, timestep, [context, context_null], kwargs,
+                                                   cfg_skipped(i, sampler.num_steps, self.cfg_skip_ratio))
             high_noise = self.preset.is_moe and t.item() >= boundary
             guide = settings.guide_scale[1] if high_noise else settings.guide_scale[0]
             if self.preset.is_moe:
@@ -142,6 +162,8 @@ class WanVideoPipeline:
             latent = sampler.step(noise_pred, i, latent, generator=generator)
             if image_latent is not None:
                 latent = keep * image_latent + (1 - keep) * latent
+        if self.teacache is not None:
+            self.teacache.detach(dit)
         if self.offload_model:
             dit.offload_all() if self.preset.is_moe else dit.to("cpu")
         video = self.components.vae.decode(latent[None].to(self.components.vae.conv2.weight.device),

@@ -34,4 +34,4 @@ def register_trainer(name):
     return register
 
 
-from . import diffusion, distillation, multiref, ode, pose, stableavatar  # noqa: E402,F401  (registers the trainers)
+from . import diffusion, distillation, fun, multiref, ode, pose, stableavatar  # noqa: E402,F401  (registers the trainers)

@@ -90,6 +90,19 @@ def media_size(path, is_image):
     return height, width
 
 
+def _open_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def to_clip(pixels, height, width):
+    """uint8 frames [T, H, W, 3] -> [3, T, height, width] in [-1, 1], covered and center-cropped."""
+    video = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return resize_crop(video, height, width).transpose(0, 1).contiguous()
+
+
 class SampleSet(Dataset):
     """A dataset indexed by (sample index, epoch), with a bucket per sample and skipping of bad samples.
 
@@ -141,7 +154,8 @@ class PromptDataset(SampleSet):
 class VideoDataset(SampleSet):
     """Clips of videos (and images) with captions, resized and center-cropped to their bucket.
 
-    entries: dicts with `file_path`, `text`, `type` ("video" | "image"), optional `height`/`width`.
+    entries: dicts with `file_path`, `text`, `type` ("video" | "image"), optional `height`/`width`, and
+    optional `control_file_path` (a control video / image aligned with the sample: `control_video`).
     """
 
     def __init__(self, entries, num_frames, frame_stride, height, width, buckets=(), seed=0):
@@ -174,11 +188,14 @@ class VideoDataset(SampleSet):
 
     @classmethod
     def from_json(cls, path, root=None, **kwargs):
-        """A VideoX-Fun metadata list: [{"file_path", "text", "type": "video" | "image"}, ...]."""
+        """A VideoX-Fun metadata list: [{"file_path", "text", "type": "video" | "image"}, ...] (control
+        data adds "control_file_path")."""
         root = Path(root) if root else Path(path).parent
         with open(path) as f:
             entries = json.load(f)
-        entries = [dict(e, file_path=str(root / e["file_path"])) for e in entries]
+        entries = [dict(e, file_path=str(root / e["file_path"]),
+                        **({"control_file_path": str(root / e["control_file_path"])} if e.get("control_file_path")
+                           else {})) for e in entries]
         return cls(entries, **kwargs)
 
     def describe(self, index):
@@ -188,17 +205,17 @@ class VideoDataset(SampleSet):
         entry = self.entries[index]
         frames, height, width = self.buckets[index]
         if entry.get("type", "video") == "image":
-            from PIL import Image
-
-            with Image.open(entry["file_path"]) as image:
-                pixels = np.array(image.convert("RGB"))[None]
+            pixels = np.array(_open_rgb(entry["file_path"]))[None]
         else:
             rng = random.Random(f"{self.seed}/{epoch}/{index}")
             indices = sample_frame_indices(count_frames(entry["file_path"]), frames, self.frame_stride, rng)
             pixels = read_frames(entry["file_path"], indices)
-        video = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-        video = resize_crop(video, height, width).transpose(0, 1).contiguous()  # [3, T, H, W]
-        return {"video": video, "text": entry["text"]}
+        sample = {"video": to_clip(pixels, height, width), "text": entry["text"]}
+        if entry.get("control_file_path"):  # VideoX-Fun control data: a frame-aligned control video
+            control = entry["control_file_path"]
+            sample["control_video"] = to_clip(read_frames(control, indices) if entry.get("type", "video") != "image"
+                                              else np.array(_open_rgb(control))[None], height, width)
+        return sample
 
 
 class LatentDataset(SampleSet):

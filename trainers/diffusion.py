@@ -137,8 +137,12 @@ class DiffusionTrainer:
             save_state_dict(state, folder / f"model{suffix}.safetensors")
             (folder / "config.json").write_text(json.dumps(self.dit, indent=2))
 
+    def encode(self, batch, generator):
+        """A micro-batch -> the DiT's inputs (latents, context, and y / clip_fea where the model takes them)."""
+        return self.encoders(batch) if self.encoders else batch
+
     def loss(self, batch, generator):
-        inputs = self.encoders(batch) if self.encoders else batch
+        inputs = self.encode(batch, generator)
         x0 = inputs["latents"].to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         sigma = self.frame_sigmas(x0.shape[0], x0.shape[2], generator)  # [B, F]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .checkpoint import read_state_dict, save_state_dict
 from .convert.dit_diffusers import DIT_DIFFUSERS_TABLE
+from .lora_formats import merge_into
 
 FILE_PREFIX = "diffusion_model."     # ComfyUI / Wan LoRA files (the official module names)
 DIFFUSERS_PREFIX = "transformer."    # LoRAs saved by diffusers (its module names)
@@ -234,16 +235,11 @@ def unmerge_lora(model):
             module.original_weight = None
 
 
-@torch.no_grad()
 def fuse_lora(model, source, scale=1.0):
     """Adds a LoRA file's update scale * alpha / rank * B @ A into the weights of the model's plain
-    nn.Linear modules, with no modules added (inference; several LoRAs stack). Returns the module names."""
-    lora = read_lora(source)
-    for name, (a, b, alpha) in lora.items():
-        weight = model.get_submodule(name).weight
-        delta = (b.float() @ a.float()) * (scale * alpha / a.shape[0])
-        weight.copy_(weight.float() + delta.to(weight.device))
-    return list(lora)
+    modules, with no modules added (inference; several LoRAs stack). Any format of
+    `wan.lora_formats` (ComfyUI, kohya, PEFT, diffusers). Returns the module names."""
+    return merge_into(model, source, scale)
 
 
 def count_parameters(model):
