@@ -40,6 +40,7 @@ from pipelines.wan_video import SampleSettings, WanVideoPipeline
 from wan.audio.decode import mux_audio
 from wan.checkpoint import CheckpointError
 from wan.lora import fuse_lora
+from wan.teacache import TeaCache, teacache_coefficients
 
 log = logging.getLogger("inference")
 
@@ -87,6 +88,13 @@ def parse_args(argv=None):
     parser.add_argument("--offload_model", action="store_true", help="keep the DiT on the CPU when idle")
     parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     parser.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (bounded memory)")
+    parser.add_argument("--teacache_threshold", type=float, default=0.0,
+                        help="TeaCache: skip the DiT blocks on steps whose accumulated timestep-embedding change "
+                             "stays below this (0 = off; 0.1 is VideoX-Fun's default), see wan/teacache.py")
+    parser.add_argument("--teacache_model", help="release name whose TeaCache coefficients to use "
+                                                 "(default: the checkpoint folder's name, e.g. Wan2.1-T2V-1.3B)")
+    parser.add_argument("--cfg_skip_ratio", type=float, default=0.0,
+                        help="the last fraction of the steps runs only the conditional branch (0 = off)")
     parser.add_argument("--ulysses_size", type=int, default=1,
                         help="sequence parallel degree, the number of torchrun processes; must divide the heads")
     parser.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the processes")
@@ -140,7 +148,9 @@ class BidirectionalRunner:
 
     def __init__(self, components, args, settings, progress=True):
         self.pipeline = WanVideoPipeline(components, args.device, offload_model=args.offload_model,
-                                         vae_tiling=args.vae_tiling)
+                                         vae_tiling=args.vae_tiling,
+                                         teacache=teacache_from_args(args, settings.resolved(components.preset).sample_steps),
+                                         cfg_skip_ratio=args.cfg_skip_ratio)
         self.settings = settings
         self.progress = progress
 
@@ -148,7 +158,29 @@ class BidirectionalRunner:
         settings = SampleSettings(**{**vars(self.settings), "seed": seed})
         video = self.pipeline.generate(job.prompt, *images, settings=settings, progress=self.progress)
         frames, height, width = write_frames(writer, video)
-        return {"frames": frames, "height": height, "width": width, **vars(settings.resolved(self.pipeline.preset))}
+        used = {"frames": frames, "height": height, "width": width, "cfg_skip_ratio": self.pipeline.cfg_skip_ratio,
+                **vars(settings.resolved(self.pipeline.preset))}
+        teacache = self.pipeline.teacache
+        if teacache is not None:
+            used.update(teacache_threshold=teacache.threshold, teacache_steps_run=sum(
+                r["computed"] for r in teacache.trace if r["branch"] == "cond"))
+            teacache.trace.clear()
+        return used
+
+
+def teacache_from_args(args, num_steps):
+    """The `--teacache_*` cache (None when off); the pipeline resets it to each generation's step count."""
+    if not 0 <= args.cfg_skip_ratio <= 1:
+        raise InvalidInput(f"--cfg_skip_ratio must be in [0, 1], got {args.cfg_skip_ratio}")
+    if args.teacache_threshold <= 0:
+        return None
+    name = args.teacache_model or Path(args.checkpoint_dir).resolve().name
+    try:
+        coefficients = teacache_coefficients(name)
+    except ValueError as err:
+        raise InvalidInput(f"{err}; pass --teacache_model with the release name") from None
+    return TeaCache(coefficients, num_steps=num_steps, threshold=args.teacache_threshold,
+                    skip_start_steps=min(5, num_steps))
 
 
 class ExtensionRunner:
@@ -215,6 +247,9 @@ def validate(args):
                and k not in SETTING_KEYS + ("fps",)}
     settings, fps = merged_settings(args, config)
     config.update(options)
+    if (extension is not None or is_causal(config)) and (args.teacache_threshold or args.cfg_skip_ratio):
+        raise InvalidInput(f"--teacache_threshold / --cfg_skip_ratio apply to the bidirectional core tasks; "
+                           f"{'extension tasks with TeaCache (fun-*) take them as YAML options' if extension else 'causal configs have no CFG steps to skip'}")
     if extension is not None:
         if args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp or launched_processes() > 1:
             raise InvalidInput(f"task {args.task} runs in one process; drop torchrun and the parallel options")
@@ -234,7 +269,7 @@ def validate(args):
         check_positive("num_output_frames", args.num_output_frames or config.get("num_output_frames", 21))
         jobs = read_prompt_file(args.data_path, "causal")
     else:
-        settings.resolved(preset)
+        teacache_from_args(args, settings.resolved(preset).sample_steps)
         jobs = read_prompt_file(args.data_path, preset.task)
     return preset, config, settings, fps, jobs, loras
 

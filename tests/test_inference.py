@@ -69,6 +69,8 @@ BAD_INPUTS = [
     ("missing_file", [], "missing: "),
     ("missing_folder", [], "checkpoint folder not found"),
     ("wrong_task", ["--task", "t2v-A14B"], "holds a 'i2v-14B' model, which task 't2v-A14B' cannot run"),
+    ("teacache_model", ["--teacache_threshold", "0.1"], "no TeaCache coefficients for model"),
+    ("cfg_skip", ["--cfg_skip_ratio", "1.5"], "--cfg_skip_ratio must be in [0, 1]"),
 ]
 
 
@@ -171,3 +173,19 @@ def test_inference_lora_changes_the_video(tiny_t2v, tmp_path):
     sidecar = json.loads(next((tmp_path / "lora").glob("*.json")).read_text())
     assert sidecar["loras"] == [f"{tmp_path / 'lora.safetensors'}:0.7"]
     assert any((a != b).any() for a, b in zip(*outputs))
+
+
+def test_inference_teacache_and_cfg_skip_flags_skip_work_and_are_recorded(tiny_t2v, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red kite.\n")
+    common = ["--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts, "--frame_num", 5,
+              "--sample_steps", 8, "--seed", 3]
+    plain = run_inference(*common, "--output_folder", tmp_path / "plain")
+    fast = run_inference(*common, "--output_folder", tmp_path / "fast", "--teacache_threshold", 100,
+                         "--teacache_model", "Wan2.1-T2V-1.3B", "--cfg_skip_ratio", 0.25)
+    assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
+    sidecar = json.loads(next((tmp_path / "fast").glob("*.json")).read_text())
+    # The first 5 steps always run; with a huge threshold every later one reuses the cached residual.
+    assert (sidecar["teacache_threshold"], sidecar["teacache_steps_run"], sidecar["cfg_skip_ratio"]) == (100, 5, 0.25)
+    videos = [read_frames(next((tmp_path / name).glob("*.mp4"))) for name in ("plain", "fast")]
+    assert len(videos[1]) == 5 and any((a != b).any() for a, b in zip(*videos))
