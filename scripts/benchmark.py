@@ -3,6 +3,7 @@
     python scripts/benchmark.py dit vae t2v causal train     # CPU: small configs, fp32, 2 threads
     python scripts/benchmark.py dit --device cuda            # real sizes (random weights), bf16
     python scripts/benchmark.py dit --profile                # + torch.profiler summary of both
+    python scripts/benchmark.py vae --vae_size 256 --vae_tile 128   # + ours with spatial tiling
 
 Suites and peers:
   dit     DiT forward and forward+backward    vs diffusers `WanTransformer3DModel`
@@ -124,7 +125,8 @@ def peak_of(fn, device):
 def child_peak(args, suite, key):
     """Peak memory rise (bytes) of operation `key` of `suite`, measured in a fresh process."""
     cmd = [sys.executable, __file__, suite, "--child", key, "--threads", str(args.threads),
-           "--device", args.device, "--vae_frames", str(args.vae_frames), "--vae_size", str(args.vae_size)]
+           "--device", args.device, "--vae_frames", str(args.vae_frames), "--vae_size", str(args.vae_size),
+           "--vae_tile", str(args.vae_tile)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
@@ -248,6 +250,23 @@ def suite_dit(args):
             with torch.no_grad():
                 profile_summary(lambda: forward(ours, False), "ours DiT forward")
                 profile_summary(lambda: forward(theirs, False), "diffusers DiT forward")
+        if args.fp8:  # last: quantizes ours in place
+            fp8_forward(args, ours, lambda: forward(ours, False), device)
+
+
+def fp8_forward(args, model, forward, device):
+    """Ours again with fp8 linear weights (`wan.fp8.quantize_fp8`): forward time, weight bytes, error."""
+    from wan.fp8 import fp8_bytes, quantize_fp8
+
+    with torch.no_grad():
+        reference = forward().float()
+        before = fp8_bytes(model)
+        quantize_fp8(model)
+        out = forward().float()
+        wall = interleaved({"fp8": forward}, args.repeats, device)["fp8"][0]
+    error = ((out - reference).norm() / reference.norm()).item()
+    print(f"  {'forward, fp8 weights (ours)':34}{wall * 1e3:>9.1f} ms  weights {before / 2**30:.2f} -> "
+          f"{fp8_bytes(model) / 2**30:.2f} GiB, relative error {error:.1e}")
 
 
 def vae_models(version, device):
@@ -274,10 +293,13 @@ def vae_operations(version, args):
     latents = torch.randn(1, ours.z_dim, (args.vae_frames - 1) // ts + 1, args.vae_size // s, args.vae_size // s,
                           generator=g).to(device)
     mean, std = ours.latents_mean.view(1, -1, 1, 1, 1), ours.latents_std.view(1, -1, 1, 1, 1)
+    tiling = dict(tiled=True, tile_size=args.vae_tile, tile_overlap=args.vae_tile // 4 // s * s)
     return {("ours", "encode"): lambda: ours.encode(video),
             ("peer", "encode"): lambda: (theirs.encode(video).latent_dist.mode() - mean) / std,
             ("ours", "decode"): lambda: ours.decode(latents),
-            ("peer", "decode"): lambda: theirs.decode(latents * std + mean).sample}
+            ("peer", "decode"): lambda: theirs.decode(latents * std + mean).sample,
+            ("ours", "encode tiled"): lambda: ours.encode(video, **tiling),
+            ("ours", "decode tiled"): lambda: ours.decode(latents, **tiling)}
 
 
 def suite_vae(args):
@@ -297,6 +319,14 @@ def suite_vae(args):
                              f"CPU-time ratio {times['ours'][1] / times['peer'][1]:.3f}; peak "
                              f"{memory['ours'] / 2**20:.0f} vs {memory['peer'] / 2**20:.0f} MiB "
                              f"(ratio {memory['ours'] / memory['peer']:.2f}); max |diff| {diff:.1e}"))
+            for op in ("encode tiled", "decode tiled") if args.vae_tile else ():
+                # differs from the whole-frame result at the seams, hence the mean rather than the max
+                diff = (ops["ours", op]() - ops["ours", op.split()[0]]()).abs().mean().item()
+                wall = interleaved({"ours": ops["ours", op]}, args.repeats, device)["ours"][0]
+                memory = child_peak(args, "vae", f"{version}:ours:{op}") if device.type == "cpu" else \
+                    peak_of(ops["ours", op], device)
+                rows.append((op, wall, None, f"{args.vae_tile}px tiles, peak {memory / 2**20:.0f} MiB, "
+                                             f"mean |diff| to whole frames {diff:.1e}"))
         report(f"Wan{version} VAE, video 1x3x{args.vae_frames}x{args.vae_size}x{args.vae_size}, fp32, {args.device}, "
                f"{args.threads} threads, median of {args.repeats}; peer diffusers AutoencoderKLWan",
                rows, ("ours", "diffusers"))
@@ -361,47 +391,91 @@ def suite_t2v(args):
              f"CPU-time ratio {times['ours'][1] / times['peer'][1]:.3f}")], ("ours", "diffusers"))
 
 
+class TrainStep:
+    """One optimizer step of a model on the flow-matching loss (batch 1, fixed noise and timestep)."""
+
+    def __init__(self, model, config, grid, args, padded_text=False):
+        device = torch.device(args.device)
+        x0, self.t, prompt, padded = dit_inputs(config, grid, device, torch.float32)
+        self.context = padded if padded_text else prompt
+        noise = torch.randn_like(x0)
+        sigma = self.t[:, None, None, None, None] / 1000
+        self.xt, self.target = (1 - sigma) * x0 + sigma * noise, noise - x0
+        self.model, self.padded_text = model, padded_text
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        self.autocast = torch.autocast(device.type, args.dtype, enabled=args.dtype != torch.float32)
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            if self.padded_text:  # diffusers
+                pred = self.model(self.xt, self.t, self.context, return_dict=False)[0]
+            else:
+                pred = self.model(self.xt, self.t, self.context)
+        loss = (pred.float() - self.target).square().mean()
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
 def suite_train(args):
-    """One optimizer step on the flow-matching loss (batch 1), ours vs diffusers' model."""
-    device, dtype = torch.device(args.device), args.dtype
+    """Full fine-tuning step, ours vs diffusers' model; with `--blocks_to_swap`, LoRA steps without and
+    with block swap."""
+    device = torch.device(args.device)
     label, config, grid, _ = dit_configs(args)[0]
     ours = random_dit(config, device, torch.float32).train()
     theirs = diffusers_twin(ours, config, device, torch.float32).train()
     if args.checkpointing:
         ours.set_gradient_checkpointing(True)
         theirs.enable_gradient_checkpointing()
-    x0, t, prompt, padded = dit_inputs(config, grid, device, torch.float32)
-    noise = torch.randn_like(x0)
-    sigma = t[:, None, None, None, None] / 1000
-    xt = (1 - sigma) * x0 + sigma * noise
+    steps = {"ours": TrainStep(ours, config, grid, args), "peer": TrainStep(theirs, config, grid, args, True)}
     tokens = math.prod(grid) // 4
-    autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
-    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
-    if args.blocks_to_swap:
-        from wan.offload import apply_block_swap
-
-        apply_block_swap(ours, args.blocks_to_swap, device)
-
-    def step(model):
-        optimizer = optimizers[id(model)]
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            pred = ours(xt, t, prompt) if model is ours else theirs(xt, t, padded, return_dict=False)[0]
-        loss = (pred.float() - (noise - x0)).square().mean()
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    times = interleaved({"ours": lambda: step(ours), "peer": lambda: step(theirs)}, args.repeats, device)
-    memory = {name: peak_of(lambda: step(model), device) for name, model in (("ours", ours), ("peer", theirs))}
+    times = interleaved(steps, args.repeats, device)
+    if device.type == "cpu":  # fresh processes: the first step, with its gradients and optimizer state
+        memory = {name: child_peak(args, "train", name) for name in steps}
+    else:
+        memory = {name: peak_of(step, device) for name, step in steps.items()}
     print(f"\ntraining step (loss, backward, AdamW), DiT {label}, compute {args.dtype_name}, {args.device}, "
-          f"{args.threads} threads, median of {args.repeats}; peer diffusers WanTransformer3DModel"
-          + (f"; ours with {args.blocks_to_swap} blocks swapped" if args.blocks_to_swap else ""))
+          f"{args.threads} threads, median of {args.repeats}; peer diffusers WanTransformer3DModel")
     for name, (wall, _) in times.items():
         print(f"  {'ours' if name == 'ours' else 'diffusers':10}{wall * 1e3:>10.1f} ms  {tokens / wall:>8.0f} tokens/s"
               f"  peak memory rise {memory[name] / 2**20:>7.0f} MiB")
     print(f"  ratio ours/diffusers: time {times['ours'][0] / times['peer'][0]:.3f}, "
-          f"peak memory {memory['ours'] / memory['peer']:.2f}")
+          f"peak memory {memory['ours'] / max(memory['peer'], 1):.2f}")
+    del steps, ours, theirs
+    if args.blocks_to_swap:
+        lora_block_swap(args, config, grid, tokens)
+
+
+def train_child(args, impl):
+    label, config, grid, _ = dit_configs(args)[0]
+    device = torch.device(args.device)
+    model = random_dit(config, device, torch.float32).train()
+    if impl == "peer":
+        model = diffusers_twin(model, config, device, torch.float32).train()
+    return peak_of(TrainStep(model, config, grid, args, padded_text=impl == "peer"), device)
+
+
+def lora_block_swap(args, config, grid, tokens):
+    """LoRA training (rank 32 on every attention and FFN linear, activation checkpointing) without and
+    with `--blocks_to_swap` blocks kept on the CPU: step time and peak memory."""
+    from wan.lora import inject_lora
+    from wan.offload import apply_block_swap
+
+    device = torch.device(args.device)
+    print(f"\nLoRA training step, rank 32, activation checkpointing, {args.device}: block swap")
+    for swap in (0, args.blocks_to_swap):
+        model = random_dit(config, device, args.dtype).train()
+        inject_lora(model, ["blocks.*.self_attn.*", "blocks.*.cross_attn.*", "blocks.*.ffn.*"], rank=32)
+        model.set_gradient_checkpointing(True)
+        if swap:
+            apply_block_swap(model, swap, device)
+        step = TrainStep(model, config, grid, args)
+        wall = interleaved({"lora": step}, args.repeats, device)["lora"][0]
+        peak = peak_of(step, device)
+        print(f"  blocks_to_swap {swap:>3}: {wall * 1e3:>9.1f} ms  {tokens / wall:>8.0f} tokens/s  "
+              f"peak memory rise {peak / 2**20:>7.0f} MiB")
+        del model, step
 
 
 def recompute_blocks(causal, sampler, context, num_frames, latent_size, generator):
@@ -554,7 +628,7 @@ def add_causal_arguments(parser):
 
 
 SUITE_FUNCTIONS = {"dit": suite_dit, "vae": suite_vae, "t2v": suite_t2v, "causal": suite_causal, "train": suite_train}
-CHILD_FUNCTIONS = {"vae": vae_child}
+CHILD_FUNCTIONS = {"vae": vae_child, "train": train_child}
 
 
 def main():
@@ -566,11 +640,13 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler summary (dit)")
+    parser.add_argument("--fp8", action="store_true", help="dit: also ours with fp8 linear weights")
     parser.add_argument("--checkpointing", action="store_true",
                         help="activation checkpointing on both sides (default on CUDA)")
     parser.add_argument("--blocks_to_swap", type=int, default=0, help="train: offload this many DiT blocks")
     parser.add_argument("--vae_frames", type=int, default=9)
     parser.add_argument("--vae_size", type=int, default=64, help="VAE video height and width in pixels")
+    parser.add_argument("--vae_tile", type=int, default=0, help="vae: also time ours with tiles of this many pixels")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_causal_arguments(parser)
     args = parser.parse_args()
