@@ -16,8 +16,9 @@ Suites and peers:
           model: step time, tokens/s, peak memory; `--blocks_to_swap N` adds ours with N blocks offloaded
 
 Timing: after a warm-up call each, ours and the peer run alternately `--repeats` times (so load on a
-shared machine hits both alike); the medians and the ratio of medians ours / peer are printed (below 1:
-ours is faster). CPU peak memory is the rise of the resident set's high-water mark during one call,
+shared machine hits both alike); the median times are printed, and as ratio the median over rounds of
+ours / peer within a round (below 1: ours is faster), of wall time and of this process's CPU time
+(less sensitive to other processes taking the cores). CPU peak memory is the rise of the resident set's high-water mark during one call,
 measured in a fresh process per measurement (so memory freed by an earlier call cannot serve it).
 The script checks that both sides compute the same result and prints the largest difference.
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -68,8 +70,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class Timing(NamedTuple):
+    wall: float  # median seconds
+    cpu: float   # median CPU seconds of this process (all threads)
+    walls: list
+    cpus: list
+
+
 def interleaved(fns, repeats, device, warmup=1):
-    """{name: (median wall s, median CPU s)} of each `fns[name]()`, run alternately."""
+    """{name: Timing} of each `fns[name]()`, the functions run alternately `repeats` times."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -83,7 +92,18 @@ def interleaved(fns, repeats, device, warmup=1):
             sync(device)
             walls[name].append(time.perf_counter() - wall)
             cpus[name].append(time.process_time() - cpu)
-    return {name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in fns}
+    return {name: Timing(statistics.median(walls[name]), statistics.median(cpus[name]), walls[name], cpus[name])
+            for name in fns}
+
+
+def paired_ratio(times, a="ours", b="peer", field="walls"):
+    """Median over repeats of a's time / b's time in the same round (the two ran back to back, so
+    they met about the same load)."""
+    return statistics.median(x / y for x, y in zip(getattr(times[a], field), getattr(times[b], field)))
+
+
+def timing_note(times):
+    return f"CPU-time ratio {paired_ratio(times, field='cpus'):.3f}"
 
 
 class PeakMemory:
@@ -136,13 +156,15 @@ def max_diff(a, b):
 
 
 def report(title, rows, header=("ours", "peer")):
-    """rows: (label, ours s, peer s, extra text)."""
+    """rows: (label, {"ours": Timing, "peer": Timing} or {"ours": Timing}, extra text). The ratio is
+    `paired_ratio` of wall times."""
     print(f"\n{title}")
     print(f"  {'':34}{header[0]:>12}{header[1]:>14}{'ours/peer':>11}")
-    for label, ours, peer, extra in rows:
-        ratio = f"{ours / peer:>10.3f}" if peer else f"{'':>10}"
-        peer_text = f"{peer * 1e3:>11.1f} ms" if peer else f"{'-':>14}"
-        print(f"  {label:34}{ours * 1e3:>9.1f} ms{peer_text}{ratio}  {extra}")
+    for label, times, extra in rows:
+        ours, peer = times["ours"], times.get("peer")
+        ratio = f"{paired_ratio(times):>10.3f}" if peer else f"{'':>10}"
+        peer_text = f"{peer.wall * 1e3:>11.1f} ms" if peer else f"{'-':>14}"
+        print(f"  {label:34}{ours.wall * 1e3:>9.1f} ms{peer_text}{ratio}  {extra}")
 
 
 def profile_summary(fn, title, rows=12):
@@ -240,10 +262,9 @@ def suite_dit(args):
                           args.repeats, device)
         rows = []
         for what, times in (("forward", fwd), ("forward+backward", bwd)):
-            cpu_ratio = times["ours"][1] / times["peer"][1]
-            extra = f"CPU-time ratio {cpu_ratio:.3f}" if device.type == "cpu" else \
-                f"x{scale} model: {times['ours'][0] * scale:.2f} s vs {times['peer'][0] * scale:.2f} s"
-            rows.append((what, times["ours"][0], times["peer"][0], extra))
+            extra = timing_note(times) if device.type == "cpu" else \
+                f"x{scale} model: {times['ours'].wall * scale:.2f} s vs {times['peer'].wall * scale:.2f} s"
+            rows.append((what, times, extra))
         report(f"DiT {label}, {args.dtype_name}, {args.device}, {args.threads} threads, median of {args.repeats}; "
                f"peer diffusers WanTransformer3DModel (max |diff| {diff:.1e})", rows, ("ours", "diffusers"))
         if args.profile:
@@ -263,10 +284,10 @@ def fp8_forward(args, model, forward, device):
         before = fp8_bytes(model)
         quantize_fp8(model)
         out = forward().float()
-        wall = interleaved({"fp8": forward}, args.repeats, device)["fp8"][0]
+        wall = interleaved({"fp8": forward}, args.repeats, device)["fp8"].wall
     error = ((out - reference).norm() / reference.norm()).item()
-    print(f"  {'forward, fp8 weights (ours)':34}{wall * 1e3:>9.1f} ms  weights {before / 2**30:.2f} -> "
-          f"{fp8_bytes(model) / 2**30:.2f} GiB, relative error {error:.1e}")
+    print(f"  {'forward, fp8 weights (ours)':34}{wall * 1e3:>9.1f} ms  weights {before / 2**20:.0f} -> "
+          f"{fp8_bytes(model) / 2**20:.0f} MiB, relative error {error:.1e}")
 
 
 def vae_models(version, device):
@@ -315,17 +336,16 @@ def suite_vae(args):
                     memory = {impl: child_peak(args, "vae", f"{version}:{impl}:{op}") for impl in ("ours", "peer")}
                 else:
                     memory = {impl: peak_of(ops[impl, op], device) for impl in ("ours", "peer")}
-                rows.append((op, times["ours"][0], times["peer"][0],
-                             f"CPU-time ratio {times['ours'][1] / times['peer'][1]:.3f}; peak "
+                rows.append((op, times, f"{timing_note(times)}; peak "
                              f"{memory['ours'] / 2**20:.0f} vs {memory['peer'] / 2**20:.0f} MiB "
                              f"(ratio {memory['ours'] / memory['peer']:.2f}); max |diff| {diff:.1e}"))
             for op in ("encode tiled", "decode tiled") if args.vae_tile else ():
                 # differs from the whole-frame result at the seams, hence the mean rather than the max
                 diff = (ops["ours", op]() - ops["ours", op.split()[0]]()).abs().mean().item()
-                wall = interleaved({"ours": ops["ours", op]}, args.repeats, device)["ours"][0]
+                times = interleaved({"ours": ops["ours", op]}, args.repeats, device)
                 memory = child_peak(args, "vae", f"{version}:ours:{op}") if device.type == "cpu" else \
                     peak_of(ops["ours", op], device)
-                rows.append((op, wall, None, f"{args.vae_tile}px tiles, peak {memory / 2**20:.0f} MiB, "
+                rows.append((op, times, f"{args.vae_tile}px tiles, peak {memory / 2**20:.0f} MiB, "
                                              f"mean |diff| to whole frames {diff:.1e}"))
         report(f"Wan{version} VAE, video 1x3x{args.vae_frames}x{args.vae_size}x{args.vae_size}, fp32, {args.device}, "
                f"{args.threads} threads, median of {args.repeats}; peer diffusers AutoencoderKLWan",
@@ -387,8 +407,7 @@ def suite_t2v(args):
     times = interleaved({"ours": ours_step, "peer": peer_step}, args.repeats, device)
     report(f"T2V sampling step (CFG pair + UniPC), DiT {label}, {args.dtype_name}, {args.device}, {args.threads} "
            f"threads, median of {args.repeats}; peer diffusers WanPipeline loop body (max |diff| {diff:.1e})",
-           [("one step", times["ours"][0], times["peer"][0],
-             f"CPU-time ratio {times['ours'][1] / times['peer'][1]:.3f}")], ("ours", "diffusers"))
+           [("one step", times, timing_note(times))], ("ours", "diffusers"))
 
 
 class TrainStep:
@@ -431,16 +450,16 @@ def suite_train(args):
     steps = {"ours": TrainStep(ours, config, grid, args), "peer": TrainStep(theirs, config, grid, args, True)}
     tokens = math.prod(grid) // 4
     times = interleaved(steps, args.repeats, device)
-    if device.type == "cpu":  # fresh processes: the first step, with its gradients and optimizer state
+    if device.type == "cpu":  # fresh processes (the second step of each: after the optimizer state exists)
         memory = {name: child_peak(args, "train", name) for name in steps}
     else:
         memory = {name: peak_of(step, device) for name, step in steps.items()}
     print(f"\ntraining step (loss, backward, AdamW), DiT {label}, compute {args.dtype_name}, {args.device}, "
           f"{args.threads} threads, median of {args.repeats}; peer diffusers WanTransformer3DModel")
-    for name, (wall, _) in times.items():
-        print(f"  {'ours' if name == 'ours' else 'diffusers':10}{wall * 1e3:>10.1f} ms  {tokens / wall:>8.0f} tokens/s"
-              f"  peak memory rise {memory[name] / 2**20:>7.0f} MiB")
-    print(f"  ratio ours/diffusers: time {times['ours'][0] / times['peer'][0]:.3f}, "
+    for name, timing in times.items():
+        print(f"  {'ours' if name == 'ours' else 'diffusers':10}{timing.wall * 1e3:>10.1f} ms  "
+              f"{tokens / timing.wall:>8.0f} tokens/s  peak memory rise {memory[name] / 2**20:>7.0f} MiB")
+    print(f"  ratio ours/diffusers: time {paired_ratio(times):.3f} ({timing_note(times)}), "
           f"peak memory {memory['ours'] / max(memory['peer'], 1):.2f}")
     del steps, ours, theirs
     if args.blocks_to_swap:
@@ -453,7 +472,9 @@ def train_child(args, impl):
     model = random_dit(config, device, torch.float32).train()
     if impl == "peer":
         model = diffusers_twin(model, config, device, torch.float32).train()
-    return peak_of(TrainStep(model, config, grid, args, padded_text=impl == "peer"), device)
+    step = TrainStep(model, config, grid, args, padded_text=impl == "peer")
+    step()  # allocates the optimizer state and warms up; the second step is measured
+    return peak_of(step, device)
 
 
 def lora_block_swap(args, config, grid, tokens):
@@ -471,7 +492,7 @@ def lora_block_swap(args, config, grid, tokens):
         if swap:
             apply_block_swap(model, swap, device)
         step = TrainStep(model, config, grid, args)
-        wall = interleaved({"lora": step}, args.repeats, device)["lora"][0]
+        wall = interleaved({"lora": step}, args.repeats, device)["lora"].wall
         peak = peak_of(step, device)
         print(f"  blocks_to_swap {swap:>3}: {wall * 1e3:>9.1f} ms  {tokens / wall:>8.0f} tokens/s  "
               f"peak memory rise {peak / 2**20:>7.0f} MiB")
