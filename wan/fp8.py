@@ -92,7 +92,8 @@ def dit_linear_filter(name, module):
 def quantize_fp8(model, scaled="auto", select=dit_linear_filter):
     """Replaces, in place, every `nn.Linear` of `model` for which `select(name, module)` holds by an
     `FP8Linear`. Returns the names of the replaced modules. Works on a meta-device model too (then
-    load an fp8 state dict with `scale_weight` entries, as saved from a quantized model)."""
+    load an fp8 state dict with `scale_weight` entries, as saved from a quantized model).
+    Apply after `model.to(dtype)` (a dtype cast would upcast the fp8 weights too); `.to(device)` is fine."""
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and select(name, module)]
     if not names:
