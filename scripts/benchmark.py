@@ -347,6 +347,10 @@ def suite_vae(args):
                     peak_of(ops["ours", op], device)
                 rows.append((op, times, f"{args.vae_tile}px tiles, peak {memory / 2**20:.0f} MiB, "
                                              f"mean |diff| to whole frames {diff:.1e}"))
+        if args.profile:
+            with torch.no_grad():
+                profile_summary(ops["ours", "decode"], f"ours Wan{version} VAE decode")
+                profile_summary(ops["peer", "decode"], f"diffusers Wan{version} VAE decode")
         report(f"Wan{version} VAE, video 1x3x{args.vae_frames}x{args.vae_size}x{args.vae_size}, fp32, {args.device}, "
                f"{args.threads} threads, median of {args.repeats}; peer diffusers AutoencoderKLWan",
                rows, ("ours", "diffusers"))
@@ -660,7 +664,7 @@ def main():
                         help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler summary (dit)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler summary (dit, vae)")
     parser.add_argument("--fp8", action="store_true", help="dit: also ours with fp8 linear weights")
     parser.add_argument("--checkpointing", action="store_true",
                         help="activation checkpointing on both sides (default on CUDA)")
