@@ -185,7 +185,7 @@ class WanAttentionBlock(nn.Module):
         kv_cache: self-attention cache of earlier frames (see `SelfAttention.forward`).
         cross_kv: `cross_attn.context_kv(context)` computed once per prompt; replaces `context`.
         """
-        dtype = self.self_attn.q.weight.dtype
+        dtype = self.modulation.dtype  # the block's compute dtype (linear weights may be stored in fp8)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
         h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
         x = torch.addcmul(x, self.self_attn(h, rope, attn_mask, kv_cache).float(), gate_sa)
