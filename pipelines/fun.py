@@ -30,8 +30,8 @@ from wan.modules.fun import FunWanModel
 from wan.modules.moe import WanMoE
 
 from .conditioning import image_to_video_condition
-from .loading import (WanComponents, _dit_folders, _load_clip, _load_text_encoder, _load_vae, dit_weights,
-                      resolve_preset)
+from .loading import (WanComponents, dit_folders, dit_weights, load_folder_clip, load_folder_text_encoder,
+                      load_folder_vae, resolve_preset)
 from .validation import InvalidInput
 from .video_io import image_to_tensor, resize_cover
 from .wan_video import WanVideoPipeline
@@ -97,13 +97,13 @@ def load_fun_components(folder, dtype=None, device="cpu", t5_cpu=False, offload_
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     preset, extra = resolve_preset("i2v-A14B" if is_moe_folder(folder) else "i2v", folder)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
     text_encoder.output_device = device
-    dits = [load_fun_dit(f, dtype, "cpu" if offload_model else device) for f in _dit_folders(folder, preset.is_moe)]
+    dits = [load_fun_dit(f, dtype, "cpu" if offload_model else device) for f in dit_folders(folder, preset.is_moe)]
     if dits[0].image_branch != preset.use_clip:
         preset = preset.with_overrides(use_clip=dits[0].image_branch)
-    clip = _load_clip(folder, preset, extra, device) if preset.use_clip else None
-    vae = _load_vae(folder, preset, extra, device)
+    clip = load_folder_clip(folder, preset, extra, device) if preset.use_clip else None
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = dits[0] if not preset.is_moe else WanMoE(dits[0], dits[1], boundary=preset.moe_boundary,
                                                    num_train_timesteps=preset.num_train_timesteps,
                                                    offload=offload_model, device=device)

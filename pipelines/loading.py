@@ -78,7 +78,7 @@ def resolve_preset(task, folder):
                              f"use --task {next(t for t, p in TASK_PRESETS.items() if extra['preset'] in p)}")
         preset = get_preset(extra["preset"])
     else:
-        dit_folder = _dit_folders(folder, get_preset(candidates[0]).is_moe)[0]
+        dit_folder = dit_folders(folder, get_preset(candidates[0]).is_moe)[0]
         config = read_dit_config(dit_folder) or {}
         preset = next((get_preset(n) for n in candidates if get_preset(n).dit["dim"] == config.get("dim")),
                       get_preset(candidates[0]))
@@ -86,8 +86,9 @@ def resolve_preset(task, folder):
     return preset.with_overrides(**overrides), extra
 
 
-def _dit_folders(folder, moe):
-    """[high-noise, low-noise] expert folders for MoE, else [the DiT folder]."""
+def dit_folders(folder, moe):
+    """The DiT folders of a checkpoint folder of either layout: [high-noise, low-noise] expert folders for
+    MoE, else [the DiT folder]; a missing one is a CheckpointError."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         names = ["transformer", "transformer_2"] if moe else ["transformer"]
@@ -111,14 +112,15 @@ def _load_dit(folder, preset, dtype, device, offload):
     target = "cpu" if offload else device
     models = [load_dit(dit_weights(f), config={"text_len": preset.text_len, **(read_dit_config(f) or preset.dit)},
                        dtype=dtype, device=target).eval().requires_grad_(False)
-              for f in _dit_folders(folder, preset.is_moe)]
+              for f in dit_folders(folder, preset.is_moe)]
     if not preset.is_moe:
         return models[0]
     return WanMoE(models[0], models[1], boundary=preset.moe_boundary,
                   num_train_timesteps=preset.num_train_timesteps, offload=offload, device=device)
 
 
-def _load_vae(folder, preset, extra, device):
+def load_folder_vae(folder, preset, extra, device):
+    """The VAE (fp32) of a checkpoint folder of either layout; `extra` is the folder's `wan_config.json`."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         version, config = vae_config_from_diffusers(_read_json(_require(folder / "vae" / "config.json", "VAE config")))
@@ -127,7 +129,8 @@ def _load_vae(folder, preset, extra, device):
     return load_vae(path, preset.vae.removeprefix("wan"), torch.float32, device, **extra.get("vae", {}))
 
 
-def _load_text_encoder(folder, preset, extra, device):
+def load_folder_text_encoder(folder, preset, extra, device):
+    """The umT5 encoder with its tokenizer (fp32 on CPU, bf16 on GPU) of a checkpoint folder of either layout."""
     folder = Path(folder)
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if is_diffusers_folder(folder):
@@ -141,7 +144,8 @@ def _load_text_encoder(folder, preset, extra, device):
                                          **config)
 
 
-def _load_clip(folder, preset, extra, device):
+def load_folder_clip(folder, preset, extra, device):
+    """The CLIP image encoder (Wan2.1 I2V/FLF2V) of a checkpoint folder of either layout."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         weights = _require(folder / "image_encoder", "image encoder folder")
@@ -164,7 +168,7 @@ def required_files(folder, preset):
              folder / preset.files["t5_tokenizer"]]
     if preset.use_clip:
         files.append(folder / preset.files["clip_checkpoint"])
-    return [*_dit_folders(folder, preset.is_moe), *files]
+    return [*dit_folders(folder, preset.is_moe), *files]
 
 
 def check_folder(checkpoint_dir, task):
@@ -174,7 +178,7 @@ def check_folder(checkpoint_dir, task):
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     preset, _ = resolve_preset(task, folder)
     missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
-    for dit_folder in _dit_folders(folder, preset.is_moe):
+    for dit_folder in dit_folders(folder, preset.is_moe):
         dit_weights(dit_folder)
     if missing:
         raise CheckpointError(f"{folder} is not a complete {preset.name} checkpoint; missing: {', '.join(missing)}")
@@ -203,7 +207,7 @@ def replace_dit_weights(components, path, use_ema=False, dtype=None):
                          "folder's high_noise_model/ and low_noise_model/")
     weights, nested_key = trained_dit_weights(path, use_ema)
     old = components.dit
-    config = read_dit_config(weights.parent) or read_dit_config(_dit_folders(components.folder, False)[0])
+    config = read_dit_config(weights.parent) or read_dit_config(dit_folders(components.folder, False)[0])
     components.dit = load_dit(weights, config=config, dtype=dtype or old.dtype, device=old.device,
                               nested_key=nested_key).eval().requires_grad_(False)
     return components
@@ -224,9 +228,9 @@ def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False
     preset, extra = resolve_preset(task, folder)
     log.info("loading %s (%s) from %s", preset.name, "diffusers layout" if is_diffusers_folder(folder)
              else "official layout", folder)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
     text_encoder.output_device = device
-    clip = _load_clip(folder, preset, extra, device) if preset.use_clip else None
-    vae = _load_vae(folder, preset, extra, device)
+    clip = load_folder_clip(folder, preset, extra, device) if preset.use_clip else None
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = _load_dit(folder, preset, dtype, device, offload_model)
     return WanComponents(preset, dit, vae, text_encoder, clip, folder)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from pipelines.animate_inputs import REFERT_NUMS, clip_condition, clip_starts, padded_length, pingpong_indices
 from pipelines.guided_sampling import denoise
-from pipelines.loading import (WAN_CONFIG, _load_clip, _load_text_encoder, _load_vae, dit_weights, is_diffusers_folder,
-                               required_files, resolve_preset)
+from pipelines.loading import (WAN_CONFIG, dit_weights, is_diffusers_folder, load_folder_clip,
+                               load_folder_text_encoder, load_folder_vae, required_files, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
 from pipelines.video_input import letterbox, read_video, to_unit
@@ -200,10 +200,10 @@ def load(folder, args, config):
     preset, extra = animate_preset(folder)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
     text_encoder.output_device = device
-    clip = _load_clip(folder, preset, extra, device)
-    vae = _load_vae(folder, preset, extra, device)
+    clip = load_folder_clip(folder, preset, extra, device)
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = load_animate_dit(folder, preset.text_len, dtype, device, config.get("use_relighting_lora", False))
     return AnimatePipeline(preset, dit, vae, text_encoder, clip, device, config.get("refert_num", 1))
 

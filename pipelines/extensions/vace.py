@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from pipelines.guided_sampling import denoise
-from pipelines.loading import (WAN_CONFIG, _load_text_encoder, _load_vae, dit_weights, is_diffusers_folder,
-                               required_files, resolve_preset)
+from pipelines.loading import (WAN_CONFIG, dit_weights, is_diffusers_folder, load_folder_text_encoder,
+                               load_folder_vae, required_files, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.vace_context import vace_context
 from pipelines.validation import InvalidInput, check_image_file, parse_size
@@ -165,9 +165,9 @@ def load(folder, args, config, extend=False):
     preset, extra = vace_preset(folder)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
     text_encoder.output_device = device
-    vae = _load_vae(folder, preset, extra, device)
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = load_vace_dit(folder, preset.text_len, dtype, device)
     return VacePipeline(preset, dit, vae, text_encoder, device, config.get("context_scale", 1.0), extend)
 
