@@ -33,7 +33,7 @@ from .conditioning import image_to_video_condition
 from .loading import (WanComponents, dit_folders, dit_weights, load_folder_clip, load_folder_text_encoder,
                       load_folder_vae, resolve_preset)
 from .validation import InvalidInput
-from .video_io import image_to_tensor, resize_cover
+from .video_io import read_video, resize_cover, usable_frames
 from .wan_video import WanVideoPipeline
 
 log = logging.getLogger(__name__)
@@ -110,25 +110,14 @@ def load_fun_components(folder, dtype=None, device="cpu", t5_cpu=False, offload_
     return WanComponents(preset, dit, vae, text_encoder, clip, folder)
 
 
-def read_video(path, width, height, frame_num):
-    """The first `frame_num` frames of a video file, covered and centre-cropped to width x height:
-    [3, F, height, width] in [-1, 1]."""
-    import imageio
-    from PIL import Image
-
-    frames = []
-    try:
-        with imageio.get_reader(str(path)) as reader:
-            for frame in reader:
-                frames.append(resize_cover(image_to_tensor(Image.fromarray(frame)), width, height))
-                if len(frames) == frame_num:
-                    break
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InvalidInput(f"cannot read video {path}: {err}") from None
-    if len(frames) < frame_num:
-        raise InvalidInput(f"control video {path} has {len(frames)} frames, fewer than frame_num {frame_num}; "
-                           f"pass --frame_num {max(1, (len(frames) - 1) // 4 * 4 + 1)} or a longer video")
-    return torch.stack(frames, dim=1)
+def read_control_video(path, width, height, frame_num):
+    """The first `frame_num` frames of a control video (file or frame folder), covered and centre-cropped
+    to width x height: [3, F, height, width] in [-1, 1]."""
+    video = read_video(path, width, height, max_frames=frame_num)
+    if video.shape[1] < frame_num:
+        raise InvalidInput(f"control video {path} has {video.shape[1]} frames, fewer than frame_num {frame_num}; "
+                           f"pass --frame_num {usable_frames(video.shape[1])} or a longer video")
+    return video
 
 
 def mode_problem(config, mode):

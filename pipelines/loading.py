@@ -55,6 +55,12 @@ def _read_json(path):
         return json.load(f)
 
 
+def read_wan_config(folder):
+    """A folder's `wan_config.json` (tiny folders: preset, overrides, encoder and VAE configs), or {}."""
+    path = Path(folder) / WAN_CONFIG
+    return _read_json(path) if path.exists() else {}
+
+
 def is_diffusers_folder(folder):
     return (Path(folder) / "model_index.json").exists()
 
@@ -70,7 +76,7 @@ def resolve_preset(task, folder):
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task '{task}'; choose one of {', '.join(TASK_PRESETS)}")
     folder = Path(folder)
-    extra = _read_json(folder / WAN_CONFIG) if (folder / WAN_CONFIG).exists() else {}
+    extra = read_wan_config(folder)
     candidates = TASK_PRESETS[task]
     if extra.get("preset"):
         if extra["preset"] not in candidates:
@@ -183,6 +189,28 @@ def check_folder(checkpoint_dir, task):
     if missing:
         raise CheckpointError(f"{folder} is not a complete {preset.name} checkpoint; missing: {', '.join(missing)}")
     return preset
+
+
+def require_files(folder, paths, family, hint=""):
+    """Raises a CheckpointError listing every one of `paths` that does not exist: `folder` is not a
+    complete `family` checkpoint (`hint`, e.g. where the layout is described, ends the message)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a complete {family} checkpoint; missing: {', '.join(missing)}{hint}")
+
+
+def check_variant_folder(folder, family, contents, config_what, preset_of):
+    """Checks an official-layout folder of a DiT variant (VACE, Animate) before any loading: not the
+    diffusers layout, the DiT's `config.json` there (`config_what` names what it must hold), then every
+    file of the preset `preset_of(folder) -> (preset, extra)` and the DiT weights. `contents` lists
+    what the folder holds, for the diffusers-layout error."""
+    if is_diffusers_folder(folder):
+        raise CheckpointError(f"{folder} is in the diffusers layout; {family} reads the official folder ({contents})")
+    if read_dit_config(folder) is None:
+        raise CheckpointError(f"missing {Path(folder) / 'config.json'} ({config_what})")
+    preset, _ = preset_of(folder)
+    require_files(folder, required_files(folder, preset), family)
+    dit_weights(folder)
 
 
 def trained_dit_weights(path, use_ema):

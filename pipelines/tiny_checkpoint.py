@@ -44,8 +44,9 @@ def _dit_config(preset):
     return config
 
 
-def make_tiny_checkpoint(task, output_dir, seed=0):
-    """Writes a complete tiny checkpoint folder for `task` (see `TASK_PRESETS`); returns its path."""
+def make_tiny_checkpoint(task, output_dir, seed=0, overrides=None):
+    """Writes a complete tiny checkpoint folder for `task` (see `TASK_PRESETS`); returns its path.
+    `overrides` (an extension family's tiny sizes, frame and step counts) update `TINY_OVERRIDES`."""
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task '{task}'; choose one of {', '.join(TASK_PRESETS)}")
     preset = get_preset(TASK_PRESETS[task][0])
@@ -65,7 +66,8 @@ def make_tiny_checkpoint(task, output_dir, seed=0):
 
     torch.save(_seeded(lambda: T5Encoder(**TINY_T5), seed + 20).state_dict(), folder / preset.files["t5_checkpoint"])
     make_tiny_tokenizer(folder / preset.files["t5_tokenizer"], vocab_size=TINY_VOCAB)
-    extra = {"preset": preset.name, "overrides": TINY_OVERRIDES, "vae": vae_config, "t5": TINY_T5}
+    extra = {"preset": preset.name, "overrides": {**TINY_OVERRIDES, **(overrides or {})}, "vae": vae_config,
+             "t5": TINY_T5}
     if preset.use_clip:
         clip = _seeded(lambda: VisionTransformer(**TINY_CLIP), seed + 30)
         torch.save({f"visual.{k}": v for k, v in clip.state_dict().items()}, folder / preset.files["clip_checkpoint"])

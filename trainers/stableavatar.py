@@ -26,7 +26,7 @@ from wan.modules.stableavatar import StableAvatarModel
 
 from . import register_trainer
 from .avatar_data import AvatarVideoDataset
-from .config import DTYPES, dit_config
+from .config import DTYPES, dit_config, probability_problems
 from .diffusion import DiffusionTrainer
 from .encoders import Encoders
 
@@ -59,9 +59,7 @@ class StableAvatarTrainer(DiffusionTrainer):
             yield f"avatar.wav2vec must be a wav2vec2 folder (facebook/wav2vec2-base-960h), got {cfg.avatar.wav2vec}"
         if cfg.lora.enabled or cfg.causal.enabled:
             yield "the stableavatar trainer trains the audio adapter and blocks fully: disable lora and causal"
-        for key in ("audio_dropout", "clip_level_prob"):
-            if not 0 <= cfg.avatar[key] <= 1:
-                yield f"avatar.{key} must be in [0, 1], got {cfg.avatar[key]}"
+        yield from probability_problems(cfg.avatar, "avatar", ("audio_dropout", "clip_level_prob"))
         d = cfg.diffusion
         if d.timestep_sampling not in ("uniform", "logit_normal"):
             yield f"diffusion.timestep_sampling must be uniform or logit_normal, got '{d.timestep_sampling}'"

@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 from pipelines.animate_inputs import REFERT_NUMS, clip_condition, clip_starts, padded_length, pingpong_indices
 from pipelines.guided_sampling import denoise
-from pipelines.loading import (WAN_CONFIG, dit_weights, is_diffusers_folder, load_folder_clip,
-                               load_folder_text_encoder, load_folder_vae, required_files, resolve_preset)
+from pipelines.loading import (check_variant_folder, dit_weights, load_folder_clip, load_folder_text_encoder,
+                               load_folder_vae, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
-from pipelines.video_input import letterbox, read_video, to_unit
-from pipelines.video_io import image_to_tensor, write_frames
+from pipelines.video_io import image_to_tensor, letterbox, read_video, to_unit, write_frames
 from pipelines.wan_video import SampleSettings
 from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
 from wan.configs import get_preset
@@ -59,16 +58,8 @@ def animate_preset(folder):
 
 
 def check_folder(folder):
-    if is_diffusers_folder(folder):
-        raise CheckpointError(f"{folder} is in the diffusers layout; the animate task reads the official "
-                              f"Wan2.2-Animate-14B folder (config.json, DiT shards, VAE, umT5, CLIP)")
-    if read_dit_config(folder) is None:
-        raise CheckpointError(f"missing {Path(folder) / 'config.json'} (the Animate DiT config)")
-    preset, _ = animate_preset(folder)
-    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete Wan2.2-Animate checkpoint; missing: {', '.join(missing)}")
-    dit_weights(folder)
+    check_variant_folder(folder, "Wan2.2-Animate-14B", "config.json, DiT shards, VAE, umT5, CLIP",
+                         "the Animate DiT config", animate_preset)
 
 
 def load_animate_dit(folder, text_len, dtype, device, relighting_lora=False):
@@ -215,10 +206,7 @@ TINY_ANIMATE_OVERRIDES = dict(frame_num=5, sample_steps=2)
 
 def make_tiny(folder, seed=0):
     """A tiny Wan2.2-Animate folder: the tiny i2v folder (CLIP included) with an Animate DiT of 5 layers."""
-    folder = make_tiny_checkpoint("i2v", folder, seed)
-    extra = json.loads((folder / WAN_CONFIG).read_text())
-    extra["overrides"].update(TINY_ANIMATE_OVERRIDES)
-    (folder / WAN_CONFIG).write_text(json.dumps(extra, indent=2))
+    folder = make_tiny_checkpoint("i2v", folder, seed, overrides=TINY_ANIMATE_OVERRIDES)
     config = {**get_preset("i2v-14B").dit, **TINY_DIT, "num_layers": 5, "model_type": "animate",
               "motion_encoder_dim": 512, **TINY_FACE}
     torch.manual_seed(seed)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.fun import FunInputs, FunPipeline, is_moe_folder, load_fun_components, mode_problem, read_video
+from pipelines.fun import (FunInputs, FunPipeline, is_moe_folder, load_fun_components, mode_problem,
+                           read_control_video)
 from pipelines.loading import check_folder as check_wan_folder
 from pipelines.loading import resolve_preset
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
@@ -79,10 +80,10 @@ class FunTask:
         image = {name: image_to_tensor(check_image_file(path)) for name, path in job.inputs.items()
                  if path is not None and name.endswith("image")}
         control = job.inputs.get("control_video")
+        control_video = None if control is None else read_control_video(control, width, height, settings.frame_num)
         inputs = FunInputs(start_image=image.get("start_image"), end_image=image.get("end_image"),
                            ref_image=image.get("ref_image"), pose_file=job.inputs.get("pose_file"),
-                           control_video=None if control is None else read_video(control, width, height,
-                                                                                 settings.frame_num))
+                           control_video=control_video)
         video = self.pipeline.generate(job.prompt, inputs, settings=settings)
         frames, height, width = write_frames(writer, video)
         used = {**vars(settings), "frames": frames, "height": height, "width": width}

@@ -14,7 +14,7 @@ import torch
 
 from wan.audio import Wav2Vec2Features
 from wan.audio.tiny import make_tiny_wav2vec2
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import load_state_dict, read_state_dict, save_state_dict
 from wan.configs.preset import OFFICIAL_FILES
 from wan.convert_vae import load_vae
 from wan.modules.s2v import WanS2VModel, s2v_config
@@ -23,7 +23,7 @@ from wan.modules.text_encoder import T5TextEncoder
 from wan.modules.vae2_1 import WanVAE21
 from wan.utils.tiny_tokenizer import make_tiny_tokenizer
 
-from ..loading import WAN_CONFIG, dit_weights
+from ..loading import WAN_CONFIG, dit_weights, read_wan_config, require_files
 from ..s2v import S2V_DEFAULTS, S2VPipeline
 from ..tiny_checkpoint import TINY_DIT, TINY_T5, TINY_VAE, TINY_VOCAB
 from . import ExtensionTask, register
@@ -37,16 +37,14 @@ TINY_OVERRIDES = dict(sizes=["64*64"], frame_num=12, sample_steps=2)
 
 
 def check_folder(folder):
-    missing = [name for name in FILES if not (folder / name).exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete Wan2.2-S2V-14B checkpoint; missing: {', '.join(missing)}")
+    require_files(folder, [folder / name for name in FILES], "Wan2.2-S2V-14B")
     dit_weights(folder)
 
 
 def load(folder, args, config):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    extra = json.loads((folder / WAN_CONFIG).read_text()) if (folder / WAN_CONFIG).exists() else {}
+    extra = read_wan_config(folder)
     dit_config = json.loads((folder / "config.json").read_text())
     with torch.device("meta"):
         dit = WanS2VModel.from_config(dit_config)

@@ -32,6 +32,7 @@ from wan.modules.t5 import T5Encoder
 from wan.modules.text_encoder import T5TextEncoder
 from wan.utils.tiny_tokenizer import make_tiny_tokenizer
 
+from ..loading import WAN_CONFIG, read_wan_config, require_files
 from ..stableavatar import AvatarSettings, StableAvatarPipeline
 from ..tiny_checkpoint import TINY_CLIP, TINY_DIT, TINY_T5, TINY_VAE, TINY_VOCAB
 from ..validation import check_image_file
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 DIT_FILES = ("transformer3d-square.pt", "transformer3d-rec-vec.pt", "diffusion_pytorch_model.safetensors")
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_FOLDER = "wav2vec2-base-960h"
-WAN_CONFIG = "wan_config.json"
 # Options of AvatarSettings beyond the SampleSettings fields (size, sample_steps, sample_shift, guide_scale).
 OPTIONS = ("audio_guide_scale", "overlap", "overlap_weights", "clip_frames")
 # A cheaper tiny VAE than the core's (one residual block per stage): tiny runs are VAE-bound.
@@ -63,15 +63,8 @@ def check_folder(folder):
     dit_file(folder)
     required = [VAE_FILE, OFFICIAL_FILES["t5_checkpoint"], OFFICIAL_FILES["t5_tokenizer"],
                 OFFICIAL_FILES["clip_checkpoint"], f"{WAV2VEC_FOLDER}/config.json"]
-    missing = [name for name in required if not (folder / name).exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete StableAvatar folder; missing: {', '.join(missing)} "
-                              f"(see pipelines/extensions/stableavatar.py for the layout)")
-
-
-def _folder_config(folder):
-    path = folder / WAN_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    require_files(folder, [folder / name for name in required], "StableAvatar",
+                  " (see pipelines/extensions/stableavatar.py for the layout)")
 
 
 def load_dit(folder, dtype, device):
@@ -116,7 +109,7 @@ class AvatarRunner:
 def load(folder, args, config):
     folder = Path(folder)
     check_folder(folder)
-    extra = _folder_config(folder)
+    extra = read_wan_config(folder)
     device = torch.device(getattr(args, "device", None) or "cpu")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
