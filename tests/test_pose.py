@@ -275,7 +275,7 @@ def test_pose_preprocessing_reads_mp4_with_its_reference_pose(tmp_path):
     assert torch.equal(video[:, 4], video[:, 2])
     torch.testing.assert_close(ref, torch.full_like(ref, 200 / 255), rtol=0, atol=1e-6)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidInput, match="holds no pose frames"):
+    with pytest.raises(InvalidInput, match="pose folder .* holds no images"):
         load_pose_inputs(tmp_path / "empty", 5, 32, 48)
 
 
