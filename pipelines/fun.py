@@ -30,8 +30,8 @@ from wan.modules.fun import FunWanModel
 from wan.modules.moe import WanMoE
 
 from .conditioning import image_to_video_condition
-from .loading import (WanComponents, dit_folders, dit_weights, load_folder_clip, load_folder_text_encoder,
-                      load_folder_vae, resolve_preset)
+from .loading import (WanComponents, default_dtype, dit_folders, dit_weights, load_folder_clip,
+                      load_folder_text_encoder, load_folder_vae, resolve_preset)
 from .validation import InvalidInput
 from .video_io import read_video, resize_cover, usable_frames
 from .wan_video import WanVideoPipeline
@@ -94,8 +94,7 @@ def load_fun_components(folder, dtype=None, device="cpu", t5_cpu=False, offload_
     """Encoders, VAE and Fun DiT(s) of a Wan2.1-Fun folder (official Wan2.1 I2V layout) or a Wan2.2-Fun
     A14B folder (`high_noise_model/`, `low_noise_model/`)."""
     folder, device = Path(folder), torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = dtype or default_dtype(device)
     preset, extra = resolve_preset("i2v-A14B" if is_moe_folder(folder) else "i2v", folder)
     text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
     text_encoder.output_device = device

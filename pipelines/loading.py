@@ -55,6 +55,16 @@ def _read_json(path):
         return json.load(f)
 
 
+def default_dtype(device):
+    """The weights dtype when none is asked for: fp32 on the CPU, bf16 on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def requested_dtype(name, device):
+    """The torch dtype a `--dtype` option names (e.g. "bfloat16"), or `default_dtype(device)` when None."""
+    return getattr(torch, name) if name else default_dtype(device)
+
+
 def read_wan_config(folder):
     """A folder's `wan_config.json` (tiny folders: preset, overrides, encoder and VAE configs), or {}."""
     path = Path(folder) / WAN_CONFIG
@@ -138,7 +148,7 @@ def load_folder_vae(folder, preset, extra, device):
 def load_folder_text_encoder(folder, preset, extra, device):
     """The umT5 encoder with its tokenizer (fp32 on CPU, bf16 on GPU) of a checkpoint folder of either layout."""
     folder = Path(folder)
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    dtype = default_dtype(device)
     if is_diffusers_folder(folder):
         config = t5_config_from_hf(_read_json(_require(folder / "text_encoder" / "config.json", "text encoder config")))
         weights, tokenizer = folder / "text_encoder", _require(folder / "tokenizer", "tokenizer folder")
@@ -251,8 +261,7 @@ def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False
     folder = Path(checkpoint_dir)
     check_folder(folder, task)
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = dtype or default_dtype(device)
     preset, extra = resolve_preset(task, folder)
     log.info("loading %s (%s) from %s", preset.name, "diffusers layout" if is_diffusers_folder(folder)
              else "official layout", folder)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from wan.checkpoint import save_state_dict
 from wan.configs import get_preset
 from wan.convert_vae import VAE_CLASSES
+from wan.model_loading import save_dit
 from wan.modules.clip import VisionTransformer
 from wan.modules.model import WanModel
 from wan.modules.t5 import T5Encoder
@@ -56,9 +56,7 @@ def make_tiny_checkpoint(task, output_dir, seed=0, overrides=None):
     expert_dirs = [folder / preset.files["high_noise_checkpoint"], folder / preset.files["low_noise_checkpoint"]] \
         if preset.is_moe else [folder]
     for i, expert_dir in enumerate(expert_dirs):
-        dit = _seeded(lambda: WanModel(**dit_config), seed + i)
-        save_state_dict(dit.state_dict(), expert_dir / "diffusion_pytorch_model.safetensors")
-        (expert_dir / "config.json").write_text(json.dumps({"_class_name": "WanModel", **dit_config}, indent=2))
+        save_dit(expert_dir, _seeded(lambda: WanModel(**dit_config), seed + i).state_dict(), dit_config, "WanModel")
 
     vae_config = TINY_VAE[preset.vae]
     vae = _seeded(lambda: VAE_CLASSES[preset.vae.removeprefix("wan")](**vae_config), seed + 10)

@@ -14,14 +14,14 @@ StableAvatar DiT or its base (Wan2.1-Fun-1.3B-InP): then the 160 audio keys star
 k_vocal/v_vocal, a seeded random projector).
 """
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from wan.audio import Wav2Vec2Features
-from wan.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from wan.checkpoint import CheckpointError, read_state_dict
+from wan.model_loading import save_dit
 from wan.modules.stableavatar import StableAvatarModel
 
 from . import register_trainer
@@ -105,8 +105,8 @@ class StableAvatarTrainer(DiffusionTrainer):
         """The whole DiT (the loop gathers the trained weights; the frozen ones are the start's) as
         `model{suffix}.safetensors` + `config.json`, loadable by the `avatar` inference task."""
         state = {**self.frozen, **state}
-        save_state_dict({k: v.to(dtype) for k, v in state.items()}, folder / f"model{suffix}.safetensors")
-        (folder / "config.json").write_text(json.dumps({"_class_name": "StableAvatarModel", **self.dit}, indent=2))
+        save_dit(folder, {k: v.to(dtype) for k, v in state.items()}, self.dit, "StableAvatarModel",
+                 f"model{suffix}.safetensors")
 
     def loss(self, batch, generator):
         inputs = self.encoders(batch)

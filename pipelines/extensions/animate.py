@@ -17,7 +17,6 @@ negative prompt and blank faces). `use_relighting_lora: true` (YAML) fuses the f
 shift 5, guide 1.0, 77 frames per clip, 30 fps.
 """
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -28,15 +27,15 @@ from tqdm import tqdm
 from pipelines.animate_inputs import REFERT_NUMS, clip_condition, clip_starts, padded_length, pingpong_indices
 from pipelines.guided_sampling import denoise
 from pipelines.loading import (check_variant_folder, dit_weights, load_folder_clip, load_folder_text_encoder,
-                               load_folder_vae, resolve_preset)
+                               load_folder_vae, requested_dtype, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
 from pipelines.video_io import image_to_tensor, letterbox, read_video, to_unit, write_frames
 from pipelines.wan_video import SampleSettings
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict
 from wan.configs import get_preset
 from wan.lora import fuse_lora
-from wan.model_loading import read_dit_config
+from wan.model_loading import read_dit_config, save_dit
 from wan.modules.animate import WanAnimateModel
 
 from . import ExtensionTask, register
@@ -190,7 +189,7 @@ class AnimatePipeline:
 def load(folder, args, config):
     preset, extra = animate_preset(folder)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = requested_dtype(args.dtype, device)
     text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
     text_encoder.output_device = device
     clip = load_folder_clip(folder, preset, extra, device)
@@ -210,9 +209,7 @@ def make_tiny(folder, seed=0):
     config = {**get_preset("i2v-14B").dit, **TINY_DIT, "num_layers": 5, "model_type": "animate",
               "motion_encoder_dim": 512, **TINY_FACE}
     torch.manual_seed(seed)
-    dit = WanAnimateModel.from_config(config)
-    save_state_dict(dit.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanAnimateModel", **config}, indent=2))
+    save_dit(folder, WanAnimateModel.from_config(config).state_dict(), config, "WanAnimateModel")
     return folder
 
 

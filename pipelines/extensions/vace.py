@@ -15,7 +15,6 @@ default 1.0) weights the VACE hints. Defaults as the official generate.py: shift
 guide 5.0, 81 frames, 16 fps.
 """
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,14 +22,14 @@ import torch
 
 from pipelines.guided_sampling import denoise
 from pipelines.loading import (check_variant_folder, dit_weights, load_folder_text_encoder, load_folder_vae,
-                               resolve_preset)
+                               requested_dtype, resolve_preset)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.vace_context import vace_context
 from pipelines.validation import InvalidInput, check_image_file, parse_size
 from pipelines.video_io import frame_files, image_to_tensor, letterbox, read_video, usable_frames, write_frames
-from wan.checkpoint import load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import load_state_dict, read_state_dict
 from wan.configs import get_preset
-from wan.model_loading import read_dit_config
+from wan.model_loading import read_dit_config, save_dit
 from wan.modules.vace import VaceWanModel
 
 from . import ExtensionTask, register
@@ -153,7 +152,7 @@ class VacePipeline:
 def load(folder, args, config, extend=False):
     preset, extra = vace_preset(folder)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = requested_dtype(args.dtype, device)
     text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
     text_encoder.output_device = device
     vae = load_folder_vae(folder, preset, extra, device)
@@ -171,9 +170,7 @@ def make_tiny(folder, seed=0):
     config = {**get_preset("t2v-1.3B").dit, **TINY_DIT, "model_type": "vace", "vace_in_dim": 96,
               "vace_layers": [0, 1]}
     torch.manual_seed(seed)
-    dit = VaceWanModel.from_config(config)
-    save_state_dict(dit.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "VaceWanModel", **config}, indent=2))
+    save_dit(folder, VaceWanModel.from_config(config).state_dict(), config, "VaceWanModel")
     return folder
 
 
