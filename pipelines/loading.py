@@ -71,6 +71,16 @@ def read_wan_config(folder):
     return _read_json(path) if path.exists() else {}
 
 
+def with_family_defaults(preset, folder, defaults, fields):
+    """`preset` with an extension family's `defaults` for `fields` (and its default `size`, if any, first
+    among the sizes), except what the folder's `wan_config.json` overrides fix (tiny folders)."""
+    fixed = read_wan_config(folder).get("overrides", {})
+    changes = {k: defaults[k] for k in fields if k not in fixed}
+    if "size" in defaults and "sizes" not in fixed:
+        changes["sizes"] = (defaults["size"], *(s for s in preset.sizes if s != defaults["size"]))
+    return preset.with_overrides(**changes)
+
+
 def is_diffusers_folder(folder):
     return (Path(folder) / "model_index.json").exists()
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipelines.animate_inputs import REFERT_NUMS, clip_condition, clip_starts, padded_length, pingpong_indices
 from pipelines.guided_sampling import denoise
 from pipelines.loading import (check_variant_folder, dit_weights, load_folder_clip, load_folder_text_encoder,
-                               load_folder_vae, requested_dtype, resolve_preset)
+                               load_folder_vae, requested_dtype, resolve_preset, with_family_defaults)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
 from pipelines.video_io import image_to_tensor, letterbox, read_video, to_unit, write_frames
@@ -51,9 +51,8 @@ PRESET_DEFAULTS = ("sample_steps", "sample_shift", "guide_scale", "frame_num", "
 def animate_preset(folder):
     """The i2v-14B preset with Animate's defaults, then the folder's own overrides (tiny folders)."""
     preset, extra = resolve_preset("i2v", folder)
-    overrides = extra.get("overrides", {})
-    changes = {k: overrides.get(k, DEFAULTS[k]) for k in PRESET_DEFAULTS}
-    return preset.with_overrides(name="animate-14B", fps=30, **changes), extra
+    preset = with_family_defaults(preset, folder, DEFAULTS, PRESET_DEFAULTS)
+    return preset.with_overrides(name="animate-14B", fps=30), extra
 
 
 def check_folder(folder):

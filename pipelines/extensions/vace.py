@@ -22,7 +22,7 @@ import torch
 
 from pipelines.guided_sampling import denoise
 from pipelines.loading import (check_variant_folder, dit_weights, load_folder_text_encoder, load_folder_vae,
-                               requested_dtype, resolve_preset)
+                               requested_dtype, resolve_preset, with_family_defaults)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.vace_context import vace_context
 from pipelines.validation import InvalidInput, check_image_file, parse_size
@@ -55,9 +55,8 @@ def vace_dit_config(config):
 def vace_preset(folder):
     """The t2v preset the folder's DiT width matches, with VACE's defaults and the folder's overrides."""
     preset, extra = resolve_preset("t2v", folder)
-    overrides = extra.get("overrides", {})
-    return preset.with_overrides(name=preset.name.replace("t2v", "vace"),
-                                 sample_shift=overrides.get("sample_shift", VACE_SHIFT)), extra
+    preset = with_family_defaults(preset, folder, {"sample_shift": VACE_SHIFT}, ("sample_shift",))
+    return preset.with_overrides(name=preset.name.replace("t2v", "vace")), extra
 
 
 def check_folder(folder):
