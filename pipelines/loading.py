@@ -203,11 +203,10 @@ def check_folder(checkpoint_dir, task):
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     preset, _ = resolve_preset(task, folder)
-    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
+    files = required_files(folder, preset)
     for dit_folder in dit_folders(folder, preset.is_moe):
         dit_weights(dit_folder)
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete {preset.name} checkpoint; missing: {', '.join(missing)}")
+    require_files(folder, files, preset.name)
     return preset
 
 
