@@ -96,8 +96,7 @@ def load_fun_components(folder, dtype=None, device="cpu", t5_cpu=False, offload_
     folder, device = Path(folder), torch.device(device)
     dtype = dtype or default_dtype(device)
     preset, extra = resolve_preset("i2v-A14B" if is_moe_folder(folder) else "i2v", folder)
-    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
-    text_encoder.output_device = device
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, t5_cpu)
     dits = [load_fun_dit(f, dtype, "cpu" if offload_model else device) for f in dit_folders(folder, preset.is_moe)]
     if dits[0].image_branch != preset.use_clip:
         preset = preset.with_overrides(use_clip=dits[0].image_branch)

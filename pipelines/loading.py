@@ -155,10 +155,11 @@ def load_folder_vae(folder, preset, extra, device):
     return load_vae(path, preset.vae.removeprefix("wan"), torch.float32, device, **extra.get("vae", {}))
 
 
-def load_folder_text_encoder(folder, preset, extra, device):
-    """The umT5 encoder with its tokenizer (fp32 on CPU, bf16 on GPU) of a checkpoint folder of either layout."""
+def load_folder_text_encoder(folder, preset, extra, device, t5_cpu=False):
+    """The umT5 encoder with its tokenizer (fp32 on CPU, bf16 on GPU) of a checkpoint folder of either
+    layout, returning its embeddings on `device`; `t5_cpu` keeps the model itself on the CPU."""
     folder = Path(folder)
-    dtype = default_dtype(device)
+    model_device = "cpu" if t5_cpu else device
     if is_diffusers_folder(folder):
         config = t5_config_from_hf(_read_json(_require(folder / "text_encoder" / "config.json", "text encoder config")))
         weights, tokenizer = folder / "text_encoder", _require(folder / "tokenizer", "tokenizer folder")
@@ -166,8 +167,9 @@ def load_folder_text_encoder(folder, preset, extra, device):
         config = extra.get("t5", {})
         weights = _require(folder / preset.files["t5_checkpoint"], "umT5 checkpoint")
         tokenizer = _require(folder / preset.files["t5_tokenizer"], "umT5 tokenizer folder")
-    return T5TextEncoder.from_checkpoint(weights, tokenizer, text_len=preset.text_len, dtype=dtype, device=device,
-                                         **config)
+    return T5TextEncoder.from_checkpoint(weights, tokenizer, text_len=preset.text_len,
+                                         dtype=default_dtype(model_device), device=model_device,
+                                         output_device=device, **config)
 
 
 def load_folder_clip(folder, preset, extra, device):
@@ -274,8 +276,7 @@ def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False
     preset, extra = resolve_preset(task, folder)
     log.info("loading %s (%s) from %s", preset.name, "diffusers layout" if is_diffusers_folder(folder)
              else "official layout", folder)
-    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
-    text_encoder.output_device = device
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, t5_cpu)
     clip = load_folder_clip(folder, preset, extra, device) if preset.use_clip else None
     vae = load_folder_vae(folder, preset, extra, device)
     dit = _load_dit(folder, preset, dtype, device, offload_model)

@@ -189,8 +189,7 @@ def load(folder, args, config):
     preset, extra = animate_preset(folder)
     device = torch.device(args.device)
     dtype = requested_dtype(args.dtype, device)
-    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
-    text_encoder.output_device = device
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, args.t5_cpu)
     clip = load_folder_clip(folder, preset, extra, device)
     vae = load_folder_vae(folder, preset, extra, device)
     dit = load_animate_dit(folder, preset.text_len, dtype, device, config.get("use_relighting_lora", False))

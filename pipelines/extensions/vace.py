@@ -152,8 +152,7 @@ def load(folder, args, config, extend=False):
     preset, extra = vace_preset(folder)
     device = torch.device(args.device)
     dtype = requested_dtype(args.dtype, device)
-    text_encoder = load_folder_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
-    text_encoder.output_device = device
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, args.t5_cpu)
     vae = load_folder_vae(folder, preset, extra, device)
     dit = load_vace_dit(folder, preset.text_len, dtype, device)
     return VacePipeline(preset, dit, vae, text_encoder, device, config.get("context_scale", 1.0), extend)
