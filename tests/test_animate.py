@@ -173,15 +173,14 @@ def test_animate_inference_animate_and_replace_modes(tiny_animate_folder, tmp_pa
 
 
 def test_animate_bad_prompt_lines_fail_with_the_fix(tiny_animate_folder, tmp_path):
-    import inference
     from pipelines.validation import InvalidInput
 
     _write_animate_inputs(tmp_path, frames=3)
     (tmp_path / "half.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\t\tx\n")
-    args = ["--checkpoint_dir", str(tiny_animate_folder), "--device", "cpu", "--task", "animate",
-            "--output_folder", str(tmp_path / "o")]
+    args = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate",
+            "--output_folder", tmp_path / "o"]
     with pytest.raises(InvalidInput, match="both bg_video and mask_video"):
-        inference.main(["--data_path", str(tmp_path / "half.txt"), *args])
+        run_inference_main("--data_path", tmp_path / "half.txt", *args)
 
 
 def test_animate_relighting_lora_option_fuses_the_folder_file(tiny_animate_folder, tmp_path):

@@ -13,7 +13,7 @@ from pipelines.stableavatar import (AvatarSettings, StableAvatarPipeline, latent
 from pipelines.validation import InvalidInput
 from wan.audio import load_audio, probe_streams, save_wav
 
-from conftest import mp4_fps, mp4_frames
+from conftest import mp4_fps, mp4_frames, run_inference_main
 
 IMAGE = inference.Path(inference.__file__).parent / "prompts" / "images" / "first_frame.png"
 
@@ -103,8 +103,8 @@ def test_avatar_inference_any_audio_length(tiny_avatar, tmp_path):
         lines.append(f"{IMAGE}\t{name}.wav\tA person is talking about {name}.")
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    code = inference.main(["--task", "avatar", "--checkpoint_dir", str(tiny_avatar), "--data_path",
-                           str(tmp_path / "prompts.txt"), "--output_folder", str(out), "--seed", "5"])
+    code = run_inference_main("--task", "avatar", "--checkpoint_dir", tiny_avatar, "--data_path",
+                              tmp_path / "prompts.txt", "--output_folder", out, "--seed", 5)
     assert code == 0
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 3

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import inference
 from pipelines.extensions import extension_tasks
 from pipelines.fun import FunInputs, FunPipeline, load_fun_components
 from pipelines.video_io import save_video
 from pipelines.wan_video import SampleSettings
 
-from conftest import mp4_frames
+from conftest import mp4_frames, run_inference_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,9 +50,8 @@ def inputs(tmp_path_factory):
 def _run(task, folder, prompt_line, out, *extra):
     prompts = out.parent / f"{task}.txt"
     prompts.write_text(prompt_line + "\n")
-    return inference.main(["--task", task, "--checkpoint_dir", str(folder), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--frame_num", "5", "--sample_steps", "2", "--size", "64*64",
-                           *extra])
+    return run_inference_main("--task", task, "--checkpoint_dir", folder, "--data_path", prompts, "--output_folder",
+                              out, "--frame_num", 5, "--sample_steps", 2, "--size", "64*64", *extra)
 
 
 @pytest.mark.parametrize("mode", ["inp", "control", "camera"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, randomize, state_shapes, tiny_dit_config
+from conftest import REPO_ROOT, randomize, run_inference_main, state_shapes, tiny_dit_config
 from golden_kinds import EXT_DIR
 from pipelines.causal import CausalPipeline
 from pipelines.extensions import extension_tasks
@@ -319,15 +319,12 @@ def test_pose_streaming_generation_end_to_end(tiny_pose):
 
 def test_pose_bidirectional_generation_end_to_end(tiny_pose, tmp_path):
     """inference.py with the `pose` task on the tiny folder: an mp4 and its sidecar."""
-    import inference
-
     root, poses = tiny_pose
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{root / 'ref.png'}\t{poses[0]}\ta person is dancing\n")
     out = tmp_path / "out"
-    assert inference.main(["--task", "pose", "--checkpoint_dir", str(root / "ckpt"), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--sample_steps", "2", "--frame_num", "5",
-                           "--device", "cpu"]) == 0
+    assert run_inference_main("--task", "pose", "--checkpoint_dir", root / "ckpt", "--data_path", prompts,
+                              "--output_folder", out, "--sample_steps", 2, "--frame_num", 5, "--device", "cpu") == 0
     sidecar = json.loads(next(out.glob("*.json")).read_text())
     assert sidecar["frames"] == 5 and sidecar["guide_scale"] == [1.5, 1.5] and sidecar["sample_solver"] == "euler"
     assert next(out.glob("*.mp4")).stat().st_size > 0

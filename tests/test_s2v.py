@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import mp4_frames, randomize, state_shapes
+from conftest import mp4_frames, randomize, run_inference_main, state_shapes
 from golden_kinds import EXT_DIR
 from wan.modules.s2v import WanS2VModel, s2v_config
 
@@ -130,7 +130,6 @@ def test_s2v_inference_any_audio_length_gives_video_of_that_length_with_sound(ti
     import numpy as np
     from PIL import Image
 
-    import inference
     from pipelines.s2v import FIRST_CLIP_DROP, S2VPipeline
     from pipelines.s2v_features import features_per_frame, to_feature_rate
     from wan.audio import load_audio, probe_streams, save_wav
@@ -162,8 +161,8 @@ def test_s2v_inference_any_audio_length_gives_video_of_that_length_with_sound(ti
     save_wav(tmp_path / "long.wav", tone(1.2))
     (tmp_path / "prompts.txt").write_text("face.png\tshort.wav\ta cat talking\nface.png\tlong.wav\ta dog singing\n")
     out = tmp_path / "out"
-    assert inference.main(["--task", "s2v", "--checkpoint_dir", str(tiny_s2v_folder), "--data_path",
-                           str(tmp_path / "prompts.txt"), "--output_folder", str(out)]) == 0
+    assert run_inference_main("--task", "s2v", "--checkpoint_dir", tiny_s2v_folder, "--data_path",
+                              tmp_path / "prompts.txt", "--output_folder", out) == 0
     for stem, frames in (("000_a_cat_talking", 8), ("001_a_dog_singing", 19)):
         sidecar = json.loads((out / f"{stem}.json").read_text())
         assert (sidecar["frames"], sidecar["fps"], sidecar["height"], sidecar["width"]) == (frames, 16, 64, 64)
