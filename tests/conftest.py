@@ -66,6 +66,7 @@ def mp4_frames(path):
 
 
 def mp4_fps(path):
+    """The frame rate in a written video's header."""
     import imageio
 
     with imageio.get_reader(str(path), "ffmpeg") as reader:
