@@ -22,7 +22,7 @@ from wan.model_loading import read_dit_config
 from wan.modules.clip import VisionTransformer, visual_state_dict
 from wan.modules.t5 import T5Encoder
 
-from .loading import WAN_CONFIG, _dit_folders, dit_weights, resolve_preset
+from .loading import WAN_CONFIG, dit_folders, dit_weights, resolve_preset
 
 SHARD_BYTES = 5 * 2**30
 DIFFUSERS_VERSION = "0.35.0"
@@ -49,7 +49,7 @@ def official_to_diffusers(src, dst, task):
     src, dst = Path(src), Path(dst)
     preset, extra = resolve_preset(task, src)
     names = ["transformer", "transformer_2"] if preset.is_moe else ["transformer"]
-    for name, folder in zip(names, _dit_folders(src, preset.is_moe)):
+    for name, folder in zip(names, dit_folders(src, preset.is_moe)):
         config = read_dit_config(folder) or dict(preset.dit)
         _save_weights(dit_to_diffusers(read_state_dict(dit_weights(folder))), dst / name,
                       "diffusion_pytorch_model.safetensors")
@@ -100,7 +100,7 @@ def diffusers_to_official(src, dst, task):
     extra = {k: v for k, v in extra.items() if k in ("preset", "overrides")}
     targets = [dst / preset.files["high_noise_checkpoint"], dst / preset.files["low_noise_checkpoint"]] \
         if preset.is_moe else [dst]
-    for folder, target in zip(_dit_folders(src, preset.is_moe), targets):
+    for folder, target in zip(dit_folders(src, preset.is_moe), targets):
         config = config_from_diffusers(json.loads((folder / "config.json").read_text()))
         _save_weights(dit_from_diffusers(read_state_dict(dit_weights(folder))), target,
                       "diffusion_pytorch_model.safetensors")

@@ -30,10 +30,10 @@ from wan.modules.fun import FunWanModel
 from wan.modules.moe import WanMoE
 
 from .conditioning import image_to_video_condition
-from .loading import (WanComponents, _dit_folders, _load_clip, _load_text_encoder, _load_vae, dit_weights,
-                      resolve_preset)
+from .loading import (WanComponents, default_dtype, dit_folders, dit_weights, load_folder_clip,
+                      load_folder_text_encoder, load_folder_vae, resolve_preset)
 from .validation import InvalidInput
-from .video_io import image_to_tensor, resize_cover
+from .video_io import read_video, resize_cover, usable_frames
 from .wan_video import WanVideoPipeline
 
 log = logging.getLogger(__name__)
@@ -94,41 +94,28 @@ def load_fun_components(folder, dtype=None, device="cpu", t5_cpu=False, offload_
     """Encoders, VAE and Fun DiT(s) of a Wan2.1-Fun folder (official Wan2.1 I2V layout) or a Wan2.2-Fun
     A14B folder (`high_noise_model/`, `low_noise_model/`)."""
     folder, device = Path(folder), torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = dtype or default_dtype(device)
     preset, extra = resolve_preset("i2v-A14B" if is_moe_folder(folder) else "i2v", folder)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
-    text_encoder.output_device = device
-    dits = [load_fun_dit(f, dtype, "cpu" if offload_model else device) for f in _dit_folders(folder, preset.is_moe)]
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, t5_cpu)
+    dits = [load_fun_dit(f, dtype, "cpu" if offload_model else device) for f in dit_folders(folder, preset.is_moe)]
     if dits[0].image_branch != preset.use_clip:
         preset = preset.with_overrides(use_clip=dits[0].image_branch)
-    clip = _load_clip(folder, preset, extra, device) if preset.use_clip else None
-    vae = _load_vae(folder, preset, extra, device)
+    clip = load_folder_clip(folder, preset, extra, device) if preset.use_clip else None
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = dits[0] if not preset.is_moe else WanMoE(dits[0], dits[1], boundary=preset.moe_boundary,
                                                    num_train_timesteps=preset.num_train_timesteps,
                                                    offload=offload_model, device=device)
     return WanComponents(preset, dit, vae, text_encoder, clip, folder)
 
 
-def read_video(path, width, height, frame_num):
-    """The first `frame_num` frames of a video file, covered and centre-cropped to width x height:
-    [3, F, height, width] in [-1, 1]."""
-    import imageio
-    from PIL import Image
-
-    frames = []
-    try:
-        with imageio.get_reader(str(path)) as reader:
-            for frame in reader:
-                frames.append(resize_cover(image_to_tensor(Image.fromarray(frame)), width, height))
-                if len(frames) == frame_num:
-                    break
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InvalidInput(f"cannot read video {path}: {err}") from None
-    if len(frames) < frame_num:
-        raise InvalidInput(f"control video {path} has {len(frames)} frames, fewer than frame_num {frame_num}; "
-                           f"pass --frame_num {max(1, (len(frames) - 1) // 4 * 4 + 1)} or a longer video")
-    return torch.stack(frames, dim=1)
+def read_control_video(path, width, height, frame_num):
+    """The first `frame_num` frames of a control video (file or frame folder), covered and centre-cropped
+    to width x height: [3, F, height, width] in [-1, 1]."""
+    video = read_video(path, width, height, max_frames=frame_num)
+    if video.shape[1] < frame_num:
+        raise InvalidInput(f"control video {path} has {video.shape[1]} frames, fewer than frame_num {frame_num}; "
+                           f"pass --frame_num {usable_frames(video.shape[1])} or a longer video")
+    return video
 
 
 def mode_problem(config, mode):

@@ -55,6 +55,32 @@ def _read_json(path):
         return json.load(f)
 
 
+def default_dtype(device):
+    """The weights dtype when none is asked for: fp32 on the CPU, bf16 on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def requested_dtype(name, device):
+    """The torch dtype a `--dtype` option names (e.g. "bfloat16"), or `default_dtype(device)` when None."""
+    return getattr(torch, name) if name else default_dtype(device)
+
+
+def read_wan_config(folder):
+    """A folder's `wan_config.json` (tiny folders: preset, overrides, encoder and VAE configs), or {}."""
+    path = Path(folder) / WAN_CONFIG
+    return _read_json(path) if path.exists() else {}
+
+
+def with_family_defaults(preset, folder, defaults, fields):
+    """`preset` with an extension family's `defaults` for `fields` (and its default `size`, if any, first
+    among the sizes), except what the folder's `wan_config.json` overrides fix (tiny folders)."""
+    fixed = read_wan_config(folder).get("overrides", {})
+    changes = {k: defaults[k] for k in fields if k not in fixed}
+    if "size" in defaults and "sizes" not in fixed:
+        changes["sizes"] = (defaults["size"], *(s for s in preset.sizes if s != defaults["size"]))
+    return preset.with_overrides(**changes)
+
+
 def is_diffusers_folder(folder):
     return (Path(folder) / "model_index.json").exists()
 
@@ -70,7 +96,7 @@ def resolve_preset(task, folder):
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task '{task}'; choose one of {', '.join(TASK_PRESETS)}")
     folder = Path(folder)
-    extra = _read_json(folder / WAN_CONFIG) if (folder / WAN_CONFIG).exists() else {}
+    extra = read_wan_config(folder)
     candidates = TASK_PRESETS[task]
     if extra.get("preset"):
         if extra["preset"] not in candidates:
@@ -78,7 +104,7 @@ def resolve_preset(task, folder):
                              f"use --task {next(t for t, p in TASK_PRESETS.items() if extra['preset'] in p)}")
         preset = get_preset(extra["preset"])
     else:
-        dit_folder = _dit_folders(folder, get_preset(candidates[0]).is_moe)[0]
+        dit_folder = dit_folders(folder, get_preset(candidates[0]).is_moe)[0]
         config = read_dit_config(dit_folder) or {}
         preset = next((get_preset(n) for n in candidates if get_preset(n).dit["dim"] == config.get("dim")),
                       get_preset(candidates[0]))
@@ -86,8 +112,9 @@ def resolve_preset(task, folder):
     return preset.with_overrides(**overrides), extra
 
 
-def _dit_folders(folder, moe):
-    """[high-noise, low-noise] expert folders for MoE, else [the DiT folder]."""
+def dit_folders(folder, moe):
+    """The DiT folders of a checkpoint folder of either layout: [high-noise, low-noise] expert folders for
+    MoE, else [the DiT folder]; a missing one is a CheckpointError."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         names = ["transformer", "transformer_2"] if moe else ["transformer"]
@@ -111,14 +138,15 @@ def _load_dit(folder, preset, dtype, device, offload):
     target = "cpu" if offload else device
     models = [load_dit(dit_weights(f), config={"text_len": preset.text_len, **(read_dit_config(f) or preset.dit)},
                        dtype=dtype, device=target).eval().requires_grad_(False)
-              for f in _dit_folders(folder, preset.is_moe)]
+              for f in dit_folders(folder, preset.is_moe)]
     if not preset.is_moe:
         return models[0]
     return WanMoE(models[0], models[1], boundary=preset.moe_boundary,
                   num_train_timesteps=preset.num_train_timesteps, offload=offload, device=device)
 
 
-def _load_vae(folder, preset, extra, device):
+def load_folder_vae(folder, preset, extra, device):
+    """The VAE (fp32) of a checkpoint folder of either layout; `extra` is the folder's `wan_config.json`."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         version, config = vae_config_from_diffusers(_read_json(_require(folder / "vae" / "config.json", "VAE config")))
@@ -127,9 +155,11 @@ def _load_vae(folder, preset, extra, device):
     return load_vae(path, preset.vae.removeprefix("wan"), torch.float32, device, **extra.get("vae", {}))
 
 
-def _load_text_encoder(folder, preset, extra, device):
+def load_folder_text_encoder(folder, preset, extra, device, t5_cpu=False):
+    """The umT5 encoder with its tokenizer (fp32 on CPU, bf16 on GPU) of a checkpoint folder of either
+    layout, returning its embeddings on `device`; `t5_cpu` keeps the model itself on the CPU."""
     folder = Path(folder)
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    model_device = "cpu" if t5_cpu else device
     if is_diffusers_folder(folder):
         config = t5_config_from_hf(_read_json(_require(folder / "text_encoder" / "config.json", "text encoder config")))
         weights, tokenizer = folder / "text_encoder", _require(folder / "tokenizer", "tokenizer folder")
@@ -137,11 +167,13 @@ def _load_text_encoder(folder, preset, extra, device):
         config = extra.get("t5", {})
         weights = _require(folder / preset.files["t5_checkpoint"], "umT5 checkpoint")
         tokenizer = _require(folder / preset.files["t5_tokenizer"], "umT5 tokenizer folder")
-    return T5TextEncoder.from_checkpoint(weights, tokenizer, text_len=preset.text_len, dtype=dtype, device=device,
-                                         **config)
+    return T5TextEncoder.from_checkpoint(weights, tokenizer, text_len=preset.text_len,
+                                         dtype=default_dtype(model_device), device=model_device,
+                                         output_device=device, **config)
 
 
-def _load_clip(folder, preset, extra, device):
+def load_folder_clip(folder, preset, extra, device):
+    """The CLIP image encoder (Wan2.1 I2V/FLF2V) of a checkpoint folder of either layout."""
     folder = Path(folder)
     if is_diffusers_folder(folder):
         weights = _require(folder / "image_encoder", "image encoder folder")
@@ -164,7 +196,7 @@ def required_files(folder, preset):
              folder / preset.files["t5_tokenizer"]]
     if preset.use_clip:
         files.append(folder / preset.files["clip_checkpoint"])
-    return [*_dit_folders(folder, preset.is_moe), *files]
+    return [*dit_folders(folder, preset.is_moe), *files]
 
 
 def check_folder(checkpoint_dir, task):
@@ -173,12 +205,33 @@ def check_folder(checkpoint_dir, task):
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     preset, _ = resolve_preset(task, folder)
-    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
-    for dit_folder in _dit_folders(folder, preset.is_moe):
+    files = required_files(folder, preset)
+    for dit_folder in dit_folders(folder, preset.is_moe):
         dit_weights(dit_folder)
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete {preset.name} checkpoint; missing: {', '.join(missing)}")
+    require_files(folder, files, preset.name)
     return preset
+
+
+def require_files(folder, paths, family, hint=""):
+    """Raises a CheckpointError listing every one of `paths` that does not exist: `folder` is not a
+    complete `family` checkpoint (`hint`, e.g. where the layout is described, ends the message)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a complete {family} checkpoint; missing: {', '.join(missing)}{hint}")
+
+
+def check_variant_folder(folder, family, contents, config_what, preset_of):
+    """Checks an official-layout folder of a DiT variant (VACE, Animate) before any loading: not the
+    diffusers layout, the DiT's `config.json` there (`config_what` names what it must hold), then every
+    file of the preset `preset_of(folder) -> (preset, extra)` and the DiT weights. `contents` lists
+    what the folder holds, for the diffusers-layout error."""
+    if is_diffusers_folder(folder):
+        raise CheckpointError(f"{folder} is in the diffusers layout; {family} reads the official folder ({contents})")
+    if read_dit_config(folder) is None:
+        raise CheckpointError(f"missing {Path(folder) / 'config.json'} ({config_what})")
+    preset, _ = preset_of(folder)
+    require_files(folder, required_files(folder, preset), family)
+    dit_weights(folder)
 
 
 def trained_dit_weights(path, use_ema):
@@ -203,7 +256,7 @@ def replace_dit_weights(components, path, use_ema=False, dtype=None):
                          "folder's high_noise_model/ and low_noise_model/")
     weights, nested_key = trained_dit_weights(path, use_ema)
     old = components.dit
-    config = read_dit_config(weights.parent) or read_dit_config(_dit_folders(components.folder, False)[0])
+    config = read_dit_config(weights.parent) or read_dit_config(dit_folders(components.folder, False)[0])
     components.dit = load_dit(weights, config=config, dtype=dtype or old.dtype, device=old.device,
                               nested_key=nested_key).eval().requires_grad_(False)
     return components
@@ -219,14 +272,12 @@ def load_components(checkpoint_dir, task, dtype=None, device="cpu", t5_cpu=False
     folder = Path(checkpoint_dir)
     check_folder(folder, task)
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = dtype or default_dtype(device)
     preset, extra = resolve_preset(task, folder)
     log.info("loading %s (%s) from %s", preset.name, "diffusers layout" if is_diffusers_folder(folder)
              else "official layout", folder)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if t5_cpu else device)
-    text_encoder.output_device = device
-    clip = _load_clip(folder, preset, extra, device) if preset.use_clip else None
-    vae = _load_vae(folder, preset, extra, device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, t5_cpu)
+    clip = load_folder_clip(folder, preset, extra, device) if preset.use_clip else None
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = _load_dit(folder, preset, dtype, device, offload_model)
     return WanComponents(preset, dit, vae, text_encoder, clip, folder)

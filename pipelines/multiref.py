@@ -15,12 +15,11 @@ import logging
 from dataclasses import replace
 
 import torch
-from tqdm import tqdm
 
 from wan.configs import get_preset
 from wan.modules.multiref import MultiReferenceDiT, ReferenceTokens
-from wan.samplers import get_sampler
 
+from .guided_sampling import denoise
 from .loading import load_components, resolve_preset
 from .references import (A2_SLOTS, A3_SLOTS, clip_pixels, compact, encode_posterior, load_rgb,
                          reference_condition, reference_frame_count, vae_pixels)
@@ -131,18 +130,17 @@ class MultiReferencePipeline:
         tokens = ReferenceTokens.from_list([t for t, _ in encoded]).to(self.device)
         text = self.components.text_encoder.encode(list(prompts) + [settings.negative_prompt] * batch,
                                                    device=self.device)
-        y, guide = y.to(self.device), settings.guide_scale[0]
+        y = y.to(self.device)
+
+        def predict(latent, t):
+            # classifier-free guidance: the negative prompt with the same references (as the reference)
+            pred = self.dit(latent.repeat(2, 1, 1, 1, 1), t.expand(2 * batch), text, clip_fea=tokens.repeat(2),
+                            y=y.repeat(2, 1, 1, 1, 1))
+            return pred.chunk(2)
 
         self.components.dit.to(self.device)
-        sampler = get_sampler(settings.sample_solver, num_steps=settings.sample_steps, shift=settings.sample_shift,
-                              num_train_timesteps=self.preset.num_train_timesteps)
-        for i, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)):
-            # classifier-free guidance: the negative prompt with the same references (as the reference)
-            pred = self.dit(latent.repeat(2, 1, 1, 1, 1), t.reshape(1).expand(2 * batch).to(self.device), text,
-                            clip_fea=tokens.repeat(2), y=y.repeat(2, 1, 1, 1, 1))
-            pred_cond, pred_uncond = pred.chunk(2)
-            # the solvers used here are deterministic; a stochastic one would draw from prompt 0's generator
-            latent = sampler.step(pred_uncond + guide * (pred_cond - pred_uncond), i, latent, generator=generators[0])
+        # the solvers used here are deterministic; a stochastic one would draw from prompt 0's generator
+        latent = denoise(predict, latent, settings, self.preset.num_train_timesteps, generators[0], progress)
         video = vae.decode(latent.to(vae.device)).cpu()
         return [v[:, skip:] for v, skip in zip(video, skipped)]
 

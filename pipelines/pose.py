@@ -17,45 +17,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wan.samplers import get_sampler
-
 from .causal import pipeline_from_config
 from .conditioning import image_to_video_condition
+from .guided_sampling import denoise
 from .validation import InvalidInput, check_image_file
-from .video_io import image_to_tensor, write_frames
+from .video_io import frame_files, image_to_tensor, read_frames, write_frames
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 REFERENCE_POSE = "pose.jpg"  # the reference pose in a pose folder, as run_align_pose.py writes it
 
 
-def pose_frame_files(folder):
-    """The pose frames of a folder in name order (`0000.jpg`, ...), its `pose.jpg` excluded."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != REFERENCE_POSE)
-    if not files:
-        raise InvalidInput(f"pose folder {folder} holds no pose frames ({'/'.join(IMAGE_SUFFIXES)} images)")
-    return files
-
-
 def read_pose_frames(path, num_frames):
-    """The first `num_frames` frames (fewer if the video is shorter) of a pose mp4 or image folder, PIL RGB."""
+    """The first `num_frames` frames (fewer if the video is shorter) of a pose mp4 or image folder (its
+    `pose.jpg` excluded), PIL RGB."""
     from PIL import Image
 
     path = Path(path)
     if path.is_dir():
-        return [check_image_file(p) for p in pose_frame_files(path)[:num_frames]]
-    import imageio.v2 as imageio
-
-    frames = []
-    try:
-        with imageio.get_reader(str(path), "ffmpeg") as reader:
-            for frame in reader:
-                frames.append(Image.fromarray(frame).convert("RGB"))
-                if len(frames) == num_frames:
-                    break
-    except (OSError, RuntimeError) as err:
-        raise InvalidInput(f"cannot read pose video {path}: {err}") from None
+        return [check_image_file(p) for p in frame_files(path, "pose folder", exclude=(REFERENCE_POSE,))[:num_frames]]
+    frames = [Image.fromarray(frame) for frame in read_frames(path, num_frames)]
     if not frames:
         raise InvalidInput(f"pose video {path} has no frames")
     return frames
@@ -155,23 +136,20 @@ class PosePipeline:
         """Bidirectional: the whole clip, pose tokens on the conditional branch only.
         settings: resolved `SampleSettings`. Returns the video [3, F, H, W] in [-1, 1] (CPU, float32)."""
         dit, vae = self.dit, self.components.vae
-        guide = settings.guide_scale[0]
         inputs = self.conditions(image, pose_video, ref_pose)
         pose_tokens = inputs.pop("add_condition")
-        context, negative = self._context(prompt, settings.negative_prompt, guide)
+        context, negative = self._context(prompt, settings.negative_prompt, settings.guide_scale[0])
         frames = (pose_video.shape[1] - 1) // vae.temporal_stride + 1
         shape = (dit.out_dim, frames, *(s // vae.spatial_stride for s in pose_video.shape[2:]))
         generator = torch.Generator().manual_seed(settings.seed)  # CPU noise: the same on every device
         latent = torch.randn(shape, generator=generator).to(self.device)
-        sampler = get_sampler(settings.sample_solver, num_steps=settings.sample_steps, shift=settings.sample_shift,
-                              num_train_timesteps=self.components.preset.num_train_timesteps)
-        for i, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not self.progress, leave=False)):
-            t = t.reshape(1).to(self.device)
-            flow = dit(latent[None], t, [context], add_condition=pose_tokens, **inputs)[0]
-            if negative is not None:
-                uncond = dit(latent[None], t, [negative], **inputs)[0]
-                flow = uncond + guide * (flow - uncond)
-            latent = sampler.step(flow, i, latent, generator=generator)
+
+        def predict(latent, t):
+            cond = dit(latent[None], t, [context], add_condition=pose_tokens, **inputs)[0]
+            return cond, None if negative is None else dit(latent[None], t, [negative], **inputs)[0]
+
+        latent = denoise(predict, latent, settings, self.components.preset.num_train_timesteps, generator,
+                         self.progress)
         return vae.decode(latent[None].to(vae.conv2.weight.device), tiled=self.vae_tiling)[0].cpu()
 
     @torch.no_grad()

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from wan.modules.s2v import MOTION_FRAMES
-from wan.samplers import get_sampler
 
+from .guided_sampling import denoise
 from .s2v_features import features_per_frame, to_feature_rate
 from .validation import InvalidInput, check_image_file, check_positive, parse_size
 from .video_io import image_to_tensor, resize_cover, write_frames
@@ -173,18 +173,17 @@ class S2VPipeline:
             window = audio[..., clip * per_clip:(clip + 1) * per_clip]
             cond = None if pose is None else self._pose_latents(pose, clip, per_clip, height, width)
             shared = dict(ref_latents=ref_latents, motion_latents=motion_latents, cond=cond, drop_motion=first)
-            sampler = get_sampler(settings.sample_solver, num_steps=settings.sample_steps,
-                                  shift=settings.sample_shift)
-            steps = tqdm(sampler.timesteps, desc=f"clip {clip + 1}/{num_clips}", disable=not progress, leave=False)
-            for i, t in enumerate(steps):
+
+            def predict(latents, t):
                 # Conditional and unconditional passes one after the other (batch 1): the per-token
                 # modulation of 14B at 720p takes ~10 GB per pass.
-                timestep = t.reshape(1).to(self.device)
-                noise_pred = self.dit(latents, timestep, [context], audio=window, **shared)
-                if settings.guide_scale > 1:  # as upstream, no unconditional pass otherwise
-                    pred_uncond = self.dit(latents, timestep, [context_null], audio=0 * window, **shared)
-                    noise_pred = pred_uncond + settings.guide_scale * (noise_pred - pred_uncond)
-                latents = sampler.step(noise_pred, i, latents, generator=generator)
+                cond = self.dit(latents, t, [context], audio=window, **shared)
+                if settings.guide_scale <= 1:  # as upstream, no unconditional pass then
+                    return cond, None
+                return cond, self.dit(latents, t, [context_null], audio=0 * window, **shared)
+
+            latents = denoise(predict, latents, settings, generator=generator, progress=progress,
+                              desc=f"clip {clip + 1}/{num_clips}")
             if self.offload_model:
                 self.dit.to("cpu")
             prefix = ref_latents if first else motion_latents

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from wan.checkpoint import save_state_dict
 from wan.configs import get_preset
 from wan.convert_vae import VAE_CLASSES
+from wan.model_loading import save_dit
 from wan.modules.clip import VisionTransformer
 from wan.modules.model import WanModel
 from wan.modules.t5 import T5Encoder
@@ -44,8 +44,9 @@ def _dit_config(preset):
     return config
 
 
-def make_tiny_checkpoint(task, output_dir, seed=0):
-    """Writes a complete tiny checkpoint folder for `task` (see `TASK_PRESETS`); returns its path."""
+def make_tiny_checkpoint(task, output_dir, seed=0, overrides=None):
+    """Writes a complete tiny checkpoint folder for `task` (see `TASK_PRESETS`); returns its path.
+    `overrides` (an extension family's tiny sizes, frame and step counts) update `TINY_OVERRIDES`."""
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task '{task}'; choose one of {', '.join(TASK_PRESETS)}")
     preset = get_preset(TASK_PRESETS[task][0])
@@ -55,9 +56,7 @@ def make_tiny_checkpoint(task, output_dir, seed=0):
     expert_dirs = [folder / preset.files["high_noise_checkpoint"], folder / preset.files["low_noise_checkpoint"]] \
         if preset.is_moe else [folder]
     for i, expert_dir in enumerate(expert_dirs):
-        dit = _seeded(lambda: WanModel(**dit_config), seed + i)
-        save_state_dict(dit.state_dict(), expert_dir / "diffusion_pytorch_model.safetensors")
-        (expert_dir / "config.json").write_text(json.dumps({"_class_name": "WanModel", **dit_config}, indent=2))
+        save_dit(expert_dir, _seeded(lambda: WanModel(**dit_config), seed + i).state_dict(), dit_config, "WanModel")
 
     vae_config = TINY_VAE[preset.vae]
     vae = _seeded(lambda: VAE_CLASSES[preset.vae.removeprefix("wan")](**vae_config), seed + 10)
@@ -65,7 +64,8 @@ def make_tiny_checkpoint(task, output_dir, seed=0):
 
     torch.save(_seeded(lambda: T5Encoder(**TINY_T5), seed + 20).state_dict(), folder / preset.files["t5_checkpoint"])
     make_tiny_tokenizer(folder / preset.files["t5_tokenizer"], vocab_size=TINY_VOCAB)
-    extra = {"preset": preset.name, "overrides": TINY_OVERRIDES, "vae": vae_config, "t5": TINY_T5}
+    extra = {"preset": preset.name, "overrides": {**TINY_OVERRIDES, **(overrides or {})}, "vae": vae_config,
+             "t5": TINY_T5}
     if preset.use_clip:
         clip = _seeded(lambda: VisionTransformer(**TINY_CLIP), seed + 30)
         torch.save({f"visual.{k}": v for k, v in clip.state_dict().items()}, folder / preset.files["clip_checkpoint"])

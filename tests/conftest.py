@@ -18,6 +18,11 @@ def tiny_dit_config(model_type="t2v", **overrides):
     return dict(TINY_DIT, model_type=model_type, in_dim=in_dim, out_dim=out_dim, **overrides)
 
 
+def state_shapes(state):
+    """{key: shape as a list} of a state dict, as the reference manifests list them."""
+    return {k: list(v.shape) for k, v in state.items()}
+
+
 def randomize(model, std=0.05, seed=0):
     """Random weights everywhere (the default init zeroes some layers, hiding wiring mistakes)."""
     generator = torch.Generator().manual_seed(seed)
@@ -41,3 +46,35 @@ def single_thread():
 @pytest.fixture
 def tiny_config():
     return tiny_dit_config
+
+
+@pytest.fixture(scope="module")
+def tiny_t2v(tmp_path_factory):
+    """A tiny random-weight t2v checkpoint folder (official layout)."""
+    from pipelines.tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
+
+
+def mp4_frames(path):
+    """The frames of a written video, uint8 [H, W, 3] each (`list(reader)` would ask its length, which
+    imageio reports as inf)."""
+    import imageio
+
+    with imageio.get_reader(str(path), "ffmpeg") as reader:
+        return [frame for frame in reader]
+
+
+def mp4_fps(path):
+    """The frame rate in a written video's header."""
+    import imageio
+
+    with imageio.get_reader(str(path), "ffmpeg") as reader:
+        return reader.get_meta_data()["fps"]
+
+
+def run_inference_main(*args):
+    """`inference.main` in this process on `args` (paths and numbers are str()-ed); returns its exit code."""
+    import inference
+
+    return inference.main([str(a) for a in args])

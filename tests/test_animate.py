@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize, tiny_dit_config
+from conftest import mp4_fps, mp4_frames, randomize, run_inference_main, state_shapes, tiny_dit_config
 from golden_kinds import EXT_DIR
 from wan.configs import get_preset
 from wan.lora import load_lora, lora_modules
@@ -28,7 +28,7 @@ def _animate_14b():
 def test_animate_state_dict_matches_official_manifest():
     model = _animate_14b()
     manifest = _manifest("wan2.2_animate_14B")
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
+    assert state_shapes(model.state_dict()) == manifest["keys"]
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["num_params"]
 
 
@@ -154,39 +154,33 @@ def _write_animate_inputs(folder, frames=7):
 def test_animate_inference_animate_and_replace_modes(tiny_animate_folder, tmp_path):
     """Animate mode, 7 pose frames in clips of 5 overlapping by 1: two clips over the ping-pong padded
     9 frames, trimmed back to 7. Replace mode (5 frames, one clip) with classifier-free guidance."""
-    import imageio
-
-    import inference
-
     for name, frames in (("long", 7), ("short", 5)):
         (tmp_path / name).mkdir()
         _write_animate_inputs(tmp_path / name, frames)
     (tmp_path / "long" / "animate.txt").write_text("ref.png\tpose.mp4\tfaces\t\t\ta person dances\n")
     (tmp_path / "short" / "replace.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\tmask\ta person dances\n")
     common = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate", "--sample_steps", 1]
-    assert inference.main(list(map(str, ["--data_path", tmp_path / "long" / "animate.txt",
-                                         "--output_folder", tmp_path / "a", *common]))) == 0
-    assert inference.main(list(map(str, ["--data_path", tmp_path / "short" / "replace.txt",
-                                         "--output_folder", tmp_path / "r", "--guide_scale", 2.0, *common]))) == 0
+    assert run_inference_main("--data_path", tmp_path / "long" / "animate.txt", "--output_folder", tmp_path / "a",
+                              *common) == 0
+    assert run_inference_main("--data_path", tmp_path / "short" / "replace.txt", "--output_folder", tmp_path / "r",
+                              "--guide_scale", 2.0, *common) == 0
     for out, mode, length in (("a", "animate", 7), ("r", "replace", 5)):
         video = next((tmp_path / out).glob("*.mp4"))
-        reader = imageio.get_reader(str(video), "ffmpeg")
-        frames = [f for f in reader]
-        assert len(frames) == length and frames[0].shape == (32, 32, 3) and reader.get_meta_data()["fps"] == 30
+        frames = mp4_frames(video)
+        assert len(frames) == length and frames[0].shape == (32, 32, 3) and mp4_fps(video) == 30
         sidecar = json.loads(video.with_suffix(".json").read_text())
         assert sidecar["mode"] == mode and sidecar["frame_num"] == 5 and sidecar["refert_num"] == 1
 
 
 def test_animate_bad_prompt_lines_fail_with_the_fix(tiny_animate_folder, tmp_path):
-    import inference
     from pipelines.validation import InvalidInput
 
     _write_animate_inputs(tmp_path, frames=3)
     (tmp_path / "half.txt").write_text("ref.png\tpose.mp4\tfaces\tbg.mp4\t\tx\n")
-    args = ["--checkpoint_dir", str(tiny_animate_folder), "--device", "cpu", "--task", "animate",
-            "--output_folder", str(tmp_path / "o")]
+    args = ["--checkpoint_dir", tiny_animate_folder, "--device", "cpu", "--task", "animate",
+            "--output_folder", tmp_path / "o"]
     with pytest.raises(InvalidInput, match="both bg_video and mask_video"):
-        inference.main(["--data_path", str(tmp_path / "half.txt"), *args])
+        run_inference_main("--data_path", tmp_path / "half.txt", *args)
 
 
 def test_animate_relighting_lora_option_fuses_the_folder_file(tiny_animate_folder, tmp_path):

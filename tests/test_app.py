@@ -14,10 +14,11 @@ import shutil
 import socket
 from pathlib import Path
 
-import imageio
 import pytest
 
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
+
+from conftest import mp4_frames
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "prompts" / "images" / "first_frame.png"
@@ -51,10 +52,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_frames(path):
-    return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
 
 
 def tint_task(name, accepts):
@@ -187,7 +184,7 @@ def test_app_browser_text_to_video_clip_and_bad_input(open_page, server, tmp_pat
     video = next(server[1].glob("*/out/*red_kite*.mp4"))
     used = json.loads(video.with_suffix(".json").read_text())
     assert (used["size"], used["frame_num"], used["sample_steps"], used["frames"]) == ("96*64", 5, 2, 5)
-    assert [frame.shape for frame in read_frames(video)] == [(64, 96, 3)] * 5
+    assert [frame.shape for frame in mp4_frames(video)] == [(64, 96, 3)] * 5
     assert '"96*64"' in page.locator("#video-sidecar").inner_text()  # the sidecar shown in the page
 
 
@@ -226,7 +223,7 @@ def test_app_browser_causal_stream_shows_frames_before_the_end_and_queues_a_seco
     assert "Done" not in first["status"] and len(seen["frames"]) >= 2, seen  # frames while it still ran
     assert f"{CAUSAL_FRAMES} frames" in done and "FPS" in done and "first frame after" in done
     video = next(server[1].glob("*/out/*paper_boat*.mp4"))
-    assert len(read_frames(video)) == CAUSAL_FRAMES
+    assert len(mp4_frames(video)) == CAUSAL_FRAMES
     assert json.loads(video.with_suffix(".json").read_text())["num_frame_per_block"] == 2
 
     other.wait_for_selector("#tiny_tint-video video")
@@ -260,7 +257,7 @@ def test_app_browser_extension_tab_from_its_fields(open_page, server, tmp_path):
     video = next(server[1].glob("*/out/*tinted_lake*.mp4"))
     used = json.loads(video.with_suffix(".json").read_text())
     assert used["tint"] == 0.25 and used["task"] == "tiny_tint" and used["frames"] == 5
-    assert len(read_frames(video)) == 5
+    assert len(mp4_frames(video)) == 5
 
 
 @pytest.mark.parametrize("task", ["i2v-A14B", "ti2v"])
@@ -281,7 +278,7 @@ def test_app_finds_the_folder_task_and_runs_it_like_inference(tmp_path, task):
     used = json.loads(Path(updates[-1]["sidecar"]).read_text())
     assert used["prompt"] == "A fox in snow." and used["guide_scale"] == (guide if len(guide) == 2 else guide * 2)
     assert (used["frame_num"], used["sample_steps"], used["seed"]) == (5, 2, 3)
-    assert sum(1 for u in updates if "frame" in u) >= 1 and len(read_frames(updates[-1]["video"])) == 5
+    assert sum(1 for u in updates if "frame" in u) >= 1 and len(mp4_frames(updates[-1]["video"])) == 5
 
     with pytest.raises(app.InvalidInput, match="frame_num must be 4n\\+1"):
         next(iter(demo.run(task, app.prompt_line("A fox.", []), {"frame_num": 6})))

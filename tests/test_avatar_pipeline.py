@@ -3,7 +3,6 @@
 import json
 import math
 
-import imageio
 import pytest
 import torch
 
@@ -13,6 +12,8 @@ from pipelines.stableavatar import (AvatarSettings, StableAvatarPipeline, latent
                                     plan_windows)
 from pipelines.validation import InvalidInput
 from wan.audio import load_audio, probe_streams, save_wav
+
+from conftest import mp4_fps, mp4_frames, run_inference_main
 
 IMAGE = inference.Path(inference.__file__).parent / "prompts" / "images" / "first_frame.png"
 
@@ -92,11 +93,6 @@ def test_avatar_last_window_has_no_padding():
     assert (3, 3, 17, 5 * 4) in {call[:4] for call in dit.calls}  # the released padded last window, for parity
 
 
-def read_video(path):
-    reader = imageio.get_reader(str(path), "ffmpeg")
-    return [frame for frame in reader], reader.get_meta_data()["fps"]
-
-
 def test_avatar_inference_any_audio_length(tiny_avatar, tmp_path):
     """0.5 s (shorter than a clip), exactly one clip (17 frames) and 2.5 clips: an mp4 of the audio's
     length with the audio track, in one inference.py run."""
@@ -107,15 +103,15 @@ def test_avatar_inference_any_audio_length(tiny_avatar, tmp_path):
         lines.append(f"{IMAGE}\t{name}.wav\tA person is talking about {name}.")
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    code = inference.main(["--task", "avatar", "--checkpoint_dir", str(tiny_avatar), "--data_path",
-                           str(tmp_path / "prompts.txt"), "--output_folder", str(out), "--seed", "5"])
+    code = run_inference_main("--task", "avatar", "--checkpoint_dir", tiny_avatar, "--data_path",
+                              tmp_path / "prompts.txt", "--output_folder", out, "--seed", 5)
     assert code == 0
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 3
     for video, (name, samples) in zip(videos, lengths.items()):
         assert video.name.startswith(f"{list(lengths).index(name):03d}_")
-        frames, fps = read_video(video)
-        assert fps == 25 and len(frames) == samples // 640, (name, len(frames))
+        frames = mp4_frames(video)
+        assert mp4_fps(video) == 25 and len(frames) == samples // 640, (name, len(frames))
         assert probe_streams(video) == ["Video", "Audio"]
         audio = load_audio(video)
         assert abs(len(audio) - len(frames) * 640) < 1600

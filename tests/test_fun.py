@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import state_shapes
 from golden_kinds import EXT_DIR
 from wan.camera import camera_condition, plucker_embedding, pose_file_condition, read_pose_file
 from wan.configs.fun import FUN_MODELS
@@ -27,7 +28,7 @@ def test_fun_state_dict_matches_manifest(name):
     with torch.device("meta"):
         model = FunWanModel(**FUN_MODELS[name])
     manifest = json.loads((EXT_DIR / "fun" / "manifests" / f"{name}.json").read_text())
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
+    assert state_shapes(model.state_dict()) == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
 
 
@@ -132,13 +133,9 @@ def test_fun_camera_condition_groups_four_frames_per_latent_frame(tmp_path):
 
 def test_fun_golden_camera_plucker_cases():
     """The `camera_plucker` golden cases (also in test_golden.py), selected with `-k fun`."""
-    from golden_kinds import case_kind, load_case, load_runners
+    from golden_kinds import run_cases_of_kind
 
-    cases = [p for p in sorted((EXT_DIR / "fun" / "golden").glob("*.safetensors")) if case_kind(p) == "camera_plucker"]
-    assert cases
-    runners = load_runners()
-    for path in cases:
-        runners["camera_plucker"](load_case(path))
+    assert run_cases_of_kind(EXT_DIR / "fun" / "golden", "camera_plucker")
 
 
 def test_fun_wan22_control_ref_batch_matches_the_reference():

@@ -4,15 +4,15 @@ and the condition channels each Fun mode feeds its DiT."""
 import json
 from pathlib import Path
 
-import imageio
 import pytest
 import torch
 
-import inference
 from pipelines.extensions import extension_tasks
 from pipelines.fun import FunInputs, FunPipeline, load_fun_components
 from pipelines.video_io import save_video
 from pipelines.wan_video import SampleSettings
+
+from conftest import mp4_frames, run_inference_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,9 +50,8 @@ def inputs(tmp_path_factory):
 def _run(task, folder, prompt_line, out, *extra):
     prompts = out.parent / f"{task}.txt"
     prompts.write_text(prompt_line + "\n")
-    return inference.main(["--task", task, "--checkpoint_dir", str(folder), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--frame_num", "5", "--sample_steps", "2", "--size", "64*64",
-                           *extra])
+    return run_inference_main("--task", task, "--checkpoint_dir", folder, "--data_path", prompts, "--output_folder",
+                              out, "--frame_num", 5, "--sample_steps", 2, "--size", "64*64", *extra)
 
 
 @pytest.mark.parametrize("mode", ["inp", "control", "camera"])
@@ -64,7 +63,7 @@ def test_fun_task_writes_a_video(mode, folders, inputs, tmp_path):
     assert _run(f"fun-{mode}", folders[mode], line, out) == 0
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 1
-    frames = [f for f in imageio.get_reader(str(videos[0]), "ffmpeg")]
+    frames = mp4_frames(videos[0])
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert sidecar["frames"] == 5 and sidecar["guide_scale"] in (6.0, [6.0, 6.0])

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imageio
 import pytest
 
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
+
+from conftest import mp4_fps, mp4_frames, run_inference_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,11 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_i2v(tmp_path_factory):
     return make_tiny_checkpoint("i2v", tmp_path_factory.mktemp("ckpt") / "i2v")
-
-
-def read_frames(path):
-    """The frames of an mp4 (`list(reader)` would ask its length, which imageio reports as inf)."""
-    return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
 
 
 def run_inference(*args):
@@ -39,9 +35,8 @@ def test_inference_writes_videos_and_sidecars(tiny_i2v, tmp_path):
     videos = sorted(out.glob("*.mp4"))
     assert [v.name for v in videos] == ["000_A_bird_flies_over_a_river.mp4", "001_Waves_on_a_beach.mp4"]
     for index, video in enumerate(videos):
-        reader = imageio.get_reader(str(video), "ffmpeg")
-        frames = [f for f in reader]
-        assert len(frames) == 5 and reader.get_meta_data()["fps"] == 8
+        frames = mp4_frames(video)
+        assert len(frames) == 5 and mp4_fps(video) == 8
         sidecar = json.loads(video.with_suffix(".json").read_text())
         assert sidecar["seed"] == 11 + index and sidecar["frame_num"] == 5 and sidecar["task"] == "i2v-14B"
         assert frames[0].shape == (sidecar["height"], sidecar["width"], 3)
@@ -97,9 +92,7 @@ def test_inference_bad_input_fails_early_with_one_clear_line(tiny_i2v, tmp_path,
             "--output_folder": tmp_path / "out"}
     for key, value in zip(extra[::2], extra[1::2]):
         args[key] = value
-    import inference
-
-    assert inference.main([str(x) for kv in args.items() for x in kv]) == 2
+    assert run_inference_main(*(x for kv in args.items() for x in kv)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
@@ -115,11 +108,6 @@ independent_first_frame: {first}
 num_output_frames: {frames}
 model_kwargs: {{local_attn_size: -1, sink_size: 0}}
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_t2v(tmp_path_factory):
-    return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
 
 
 def test_inference_causal_config_streams_any_number_of_frames(tiny_t2v, tmp_path):
@@ -141,7 +129,7 @@ def test_inference_causal_config_streams_any_number_of_frames(tiny_t2v, tmp_path
     assert result.returncode == 0, result.stderr
     assert "DiT weights from" in result.stderr
     for video in sorted((tmp_path / "out").glob("*.mp4")):
-        frames = read_frames(video)
+        frames = mp4_frames(video)
         # 5 latent frames in blocks [1, 2, 2] -> 1 + 8 + 8 pixel frames
         assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
         sidecar = json.loads(video.with_suffix(".json").read_text())
@@ -169,7 +157,7 @@ def test_inference_lora_changes_the_video(tiny_t2v, tmp_path):
         result = run_inference("--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts,
                                "--output_folder", tmp_path / name, "--frame_num", 5, "--sample_steps", 2, *extra)
         assert result.returncode == 0, result.stderr
-        outputs.append(read_frames(next((tmp_path / name).glob("*.mp4"))))
+        outputs.append(mp4_frames(next((tmp_path / name).glob("*.mp4"))))
     sidecar = json.loads(next((tmp_path / "lora").glob("*.json")).read_text())
     assert sidecar["loras"] == [f"{tmp_path / 'lora.safetensors'}:0.7"]
     assert any((a != b).any() for a, b in zip(*outputs))

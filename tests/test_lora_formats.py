@@ -116,10 +116,6 @@ def test_lora_format_errors_name_the_problem(caplog):
 
 def test_lora_format_golden_merge_cases():
     """The `lora_merge` golden cases (also in test_golden.py), selected with `-k lora_format`."""
-    from golden_kinds import EXT_DIR, case_kind, load_case, load_runners
+    from golden_kinds import EXT_DIR, run_cases_of_kind
 
-    cases = [p for p in sorted((EXT_DIR / "fun" / "golden").glob("*.safetensors")) if case_kind(p) == "lora_merge"]
-    assert cases
-    runners = load_runners()
-    for path in cases:
-        runners["lora_merge"](load_case(path))
+    assert run_cases_of_kind(EXT_DIR / "fun" / "golden", "lora_merge")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize, tiny_dit_config
+from conftest import randomize, state_shapes, tiny_dit_config
 from golden_kinds import REFERENCE_DIR
 from wan.checkpoint import CheckpointError, save_sharded, save_state_dict
 from wan.configs import PRESETS, get_preset
@@ -20,7 +20,7 @@ def test_preset_state_dict_matches_official_manifest(name):
     with torch.device("meta"):
         model = WanModel(**preset.dit)
     manifest = json.loads((REFERENCE_DIR / "manifests" / f"{preset.manifest}.json").read_text())
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ours = state_shapes(model.state_dict())
     assert ours == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, randomize, tiny_dit_config
+from conftest import REPO_ROOT, randomize, run_inference_main, state_shapes, tiny_dit_config
 from golden_kinds import EXT_DIR
 from pipelines.multiref import A2_DEFAULTS
 from pipelines.references import A3_SLOTS, clip_pixels, latent_mask, reference_condition, vae_pixels
@@ -34,10 +34,6 @@ def manifest(name):
     return json.loads((A2_MANIFESTS / f"{name}.json").read_text())
 
 
-def shapes(state):
-    return {k: list(v.shape) for k, v in state.items()}
-
-
 @pytest.fixture(scope="module")
 def a2_14B():
     """The released A2 transformer on the meta device: its config is Wan2.1-I2V-14B's."""
@@ -53,7 +49,7 @@ def base_state(model):
 def test_a2_transformer_state_dict_matches_manifest(a2_14B):
     """In diffusers key names, through the DiT key table."""
     expected = manifest("a2_14B")
-    assert shapes(dit_to_diffusers(base_state(a2_14B))) == expected["keys"]
+    assert state_shapes(dit_to_diffusers(base_state(a2_14B))) == expected["keys"]
     assert sum(v.numel() for v in base_state(a2_14B).values()) == expected["num_params"]
 
 
@@ -70,7 +66,7 @@ def test_a2_image_encoder_hf_state_dict_matches_manifest():
     with torch.device("meta"):
         model = VisionTransformer(out_dim=None)
     expected = manifest("a2_image_encoder_hf")
-    assert shapes(clip_to_hf(model.state_dict())) == expected["keys"]
+    assert state_shapes(clip_to_hf(model.state_dict())) == expected["keys"]
     assert sum(p.numel() for p in model.parameters()) == expected["num_params"]
 
 
@@ -162,16 +158,14 @@ def image(path, shape, seed):
 
 
 def test_a2_inference_with_one_two_and_three_references_writes_videos(tiny_a2, tmp_path):
-    import inference
-
     subject, obj, background = (image(tmp_path / f"{n}.png", s, i) for i, (n, s) in
                                 enumerate([("subject", (40, 30, 3)), ("object", (20, 50, 3)), ("bg", (30, 70, 3))]))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{subject}\t\t\ta man\n{subject}\t{obj}\t\ta man with a ball\n"
                        f"{subject}\t{obj}\t{background}\ta man with a ball in a park\n")
     out = tmp_path / "out"
-    code = inference.main(["--task", "a2", "--checkpoint_dir", str(tiny_a2), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--sample_steps", "2"])
+    code = run_inference_main("--task", "a2", "--checkpoint_dir", tiny_a2, "--data_path", prompts,
+                              "--output_folder", out, "--sample_steps", 2)
     assert code == 0
     sidecars = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert [s["references"] for s in sidecars] == [["subject"], ["subject", "object"],

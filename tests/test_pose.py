@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, randomize, tiny_dit_config
+from conftest import REPO_ROOT, randomize, run_inference_main, state_shapes, tiny_dit_config
 from golden_kinds import EXT_DIR
 from pipelines.causal import CausalPipeline
 from pipelines.extensions import extension_tasks
@@ -34,17 +34,13 @@ def manifest(name):
     return json.loads((MANIFESTS / f"{name}.json").read_text())
 
 
-def shapes(state):
-    return {k: list(v.shape) for k, v in state.items()}
-
-
 # -- key layouts -------------------------------------------------------------------------------------
 
 def test_pose_modules_match_release_manifest():
     with torch.device("meta"):
         encoder = PoseEncoder()  # the 14B: pose_proj is the identity
     expected = manifest("unianimate_pose_modules")
-    assert shapes(encoder.state_dict()) == expected["keys"]
+    assert state_shapes(encoder.state_dict()) == expected["keys"]
     assert sum(p.numel() for p in encoder.parameters()) == expected["num_params"]
 
 
@@ -52,7 +48,8 @@ def test_pose_proj_1_3B_matches_manifest():
     with torch.device("meta"):
         encoder = PoseEncoder(dim=get_preset("t2v-1.3B").dit["dim"], ref_channels=0)
     expected = manifest("pose_proj_1.3B")
-    assert shapes(encoder.pose_proj.state_dict()) == {k[len("pose_proj."):]: v for k, v in expected["keys"].items()}
+    assert state_shapes(encoder.pose_proj.state_dict()) == {k[len("pose_proj."):]: v
+                                                            for k, v in expected["keys"].items()}
     assert sum(p.numel() for p in encoder.pose_proj.parameters()) == expected["num_params"]
     assert not encoder.has_reference_pose  # the T2V 1.3B has no `y` for the reference pose
 
@@ -62,16 +59,16 @@ def test_pose_release_checkpoint_manifest_after_key_conversion():
         dit = WanModel(**get_preset("i2v-14B").dit)
         encoder = PoseEncoder()
     base = manifest("unianimate_dit_wan2.1_i2v_14B")
-    assert shapes(dit.state_dict()) == base["keys"]  # UniAnimate adds no DiT keys
+    assert state_shapes(dit.state_dict()) == base["keys"]  # UniAnimate adds no DiT keys
     rank = manifest("unianimate_lora_r128")["keys"]["pipe.dit.blocks.0.self_attn.q.lora_A.default.weight"][0]
     inject_lora(dit, UNIANIMATE_LORA_TARGETS, rank=rank)
     release = manifest("unianimate_ckpt_r128")
-    assert shapes(unianimate_state(encoder, dit)) == release["keys"]
+    assert state_shapes(unianimate_state(encoder, dit)) == release["keys"]
     # and back: the release's keys split into exactly our pose modules and LoRA parameters
     pose, lora, rest = split_unianimate_state({k: torch.empty(v, device="meta") for k, v in release["keys"].items()})
     assert not rest
-    assert shapes(pose) == shapes(encoder.state_dict())
-    assert shapes(lora) == shapes({k: v for k, v in dit.state_dict().items() if ".lora_" in k})
+    assert state_shapes(pose) == state_shapes(encoder.state_dict())
+    assert state_shapes(lora) == state_shapes({k: v for k, v in dit.state_dict().items() if ".lora_" in k})
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -275,7 +272,7 @@ def test_pose_preprocessing_reads_mp4_with_its_reference_pose(tmp_path):
     assert torch.equal(video[:, 4], video[:, 2])
     torch.testing.assert_close(ref, torch.full_like(ref, 200 / 255), rtol=0, atol=1e-6)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidInput, match="holds no pose frames"):
+    with pytest.raises(InvalidInput, match="pose folder .* holds no images"):
         load_pose_inputs(tmp_path / "empty", 5, 32, 48)
 
 
@@ -322,15 +319,12 @@ def test_pose_streaming_generation_end_to_end(tiny_pose):
 
 def test_pose_bidirectional_generation_end_to_end(tiny_pose, tmp_path):
     """inference.py with the `pose` task on the tiny folder: an mp4 and its sidecar."""
-    import inference
-
     root, poses = tiny_pose
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{root / 'ref.png'}\t{poses[0]}\ta person is dancing\n")
     out = tmp_path / "out"
-    assert inference.main(["--task", "pose", "--checkpoint_dir", str(root / "ckpt"), "--data_path", str(prompts),
-                           "--output_folder", str(out), "--sample_steps", "2", "--frame_num", "5",
-                           "--device", "cpu"]) == 0
+    assert run_inference_main("--task", "pose", "--checkpoint_dir", root / "ckpt", "--data_path", prompts,
+                              "--output_folder", out, "--sample_steps", 2, "--frame_num", 5, "--device", "cpu") == 0
     sidecar = json.loads(next(out.glob("*.json")).read_text())
     assert sidecar["frames"] == 5 and sidecar["guide_scale"] == [1.5, 1.5] and sidecar["sample_solver"] == "euler"
     assert next(out.glob("*.mp4")).stat().st_size > 0

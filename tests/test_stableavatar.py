@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize
+from conftest import randomize, state_shapes
 from golden_kinds import EXT_DIR, case_kind, golden_cases, load_case, load_runners
 from wan.modules.model import WanModel
 from wan.modules.stableavatar import STABLEAVATAR_1_3B, StableAvatarModel
@@ -16,15 +16,11 @@ TINY = dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_di
             in_dim=36, vocal_projector=dict(audio_in_dim=24, num_heads=4))
 
 
-def shapes(model):
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
 def test_avatar_transformer_matches_release_manifest():
     with torch.device("meta"):
         model = StableAvatarModel(**STABLEAVATAR_1_3B)
     manifest = json.loads((MANIFESTS / "stableavatar_transformer_1.3B.json").read_text())
-    assert shapes(model) == manifest["keys"]
+    assert state_shapes(model.state_dict()) == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
     base = json.loads((MANIFESTS / "wan2.1_fun_1.3B_inp.json").read_text())["keys"]
     assert len(set(manifest["keys"]) - set(base)) == 160  # the audio keys over the Fun-InP base
@@ -34,7 +30,7 @@ def test_avatar_vocal_projector_matches_release_manifest():
     with torch.device("meta"):
         model = VocalProjector(audio_in_dim=768, audio_proj_dim=1536, dit_dim=1536)
     manifest = json.loads((MANIFESTS / "stableavatar_vocal_projector_1.3B.json").read_text())
-    assert shapes(model) == manifest["keys"]
+    assert state_shapes(model.state_dict()) == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
 
 

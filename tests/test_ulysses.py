@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO_ROOT, randomize, tiny_dit_config
-from pipelines.tiny_checkpoint import make_tiny_checkpoint
+from conftest import REPO_ROOT, mp4_frames, randomize, run_inference_main, tiny_dit_config
 from scripts.sp_memory_plan import main as memory_plan
 from test_causal import _generate_blocks, sharpen
-from test_inference import CAUSAL_CONFIG, read_frames
+from test_inference import CAUSAL_CONFIG
 from trainers.parallelize import apply_fsdp
 from wan.distributed import SequenceShard, apply_sequence_parallel
 from wan.modules.causal_model import CausalWanModel
@@ -163,24 +162,16 @@ def test_ulysses_shards_cover_the_sequence_once(length, degree):
     torch.testing.assert_close(torch.cat(parts, 1)[:, :length], x)
 
 
-@pytest.fixture(scope="module")
-def tiny_t2v(tmp_path_factory):
-    return make_tiny_checkpoint("t2v", tmp_path_factory.mktemp("ckpt") / "t2v")
-
-
-
 def videos_of_one_and_two_processes(tmp_path, args, parallel):
     """Runs inference.py in this process and on 2 (torchrun, with the `parallel` options); returns the
     frames of each video (by name) of both, and the 2-process run's output folder."""
-    import inference
-
     one, two = tmp_path / "one", tmp_path / "two"
-    assert inference.main([*map(str, args), "--output_folder", str(one)]) == 0
+    assert run_inference_main(*args, "--output_folder", one) == 0
     result = launch(REPO_ROOT / "inference.py", [*args, "--output_folder", two, *parallel], nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     names = sorted(v.name for v in one.glob("*.mp4"))
     assert names and sorted(v.name for v in two.glob("*.mp4")) == names
-    return {n: (np.stack(read_frames(one / n)), np.stack(read_frames(two / n))) for n in names}, two
+    return {n: (np.stack(mp4_frames(one / n)), np.stack(mp4_frames(two / n))) for n in names}, two
 
 
 def assert_same_frames(videos):
@@ -231,9 +222,7 @@ def test_distributed_options_fail_early_with_one_clear_line(tiny_t2v, tmp_path, 
     prompts.write_text("A bird.\n")
     args = ["--task", "t2v", "--checkpoint_dir", tiny_t2v, "--data_path", prompts, "--output_folder", tmp_path / "out",
             *[config if a == "CAUSAL" else a for a in extra]]
-    import inference
-
-    assert inference.main([str(a) for a in args]) == 2
+    assert run_inference_main(*args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()

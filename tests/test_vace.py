@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize, tiny_dit_config
+from conftest import mp4_frames, randomize, run_inference_main, state_shapes, tiny_dit_config
 from golden_kinds import EXT_DIR
 from pipelines.extensions.vace import VACE_LAYERS, vace_dit_config
 from pipelines.vace_context import pack_mask, vace_context
@@ -24,7 +24,7 @@ def test_vace_state_dict_matches_official_manifest(size):
     with torch.device("meta"):
         model = VaceWanModel.from_config(config)
     manifest = json.loads((MANIFESTS / f"wan2.1_vace_{size}.json").read_text())
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
+    assert state_shapes(model.state_dict()) == manifest["keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
     assert model.vace_layers == VACE_LAYERS[config["dim"]]
 
@@ -75,7 +75,7 @@ def test_vace_bad_inputs_are_named():
         VaceWanModel(**tiny_dit_config("t2v"), vace_layers=[1])
 
 
-def test_vace_packed_mask_takes_nearest_exact_frames():
+def test_vace_packed_mask_takes_nearest_exactmp4_frames():
     """81 pixel frames -> 21 latent frames 1, 5, 9, ..., 21, 25, 28, 32, ... (not every 4th from 0);
     channel 8 * dy + dx holds pixel (dy, dx) of each 8x8 block."""
     mask = torch.arange(81.0)[:, None, None].expand(81, 16, 16).clone()[None]
@@ -133,32 +133,23 @@ def _write_inputs(folder):
     Image.new("RGB", (40, 24), (200, 30, 30)).save(folder / "ref.png")
 
 
-def _frames(path):
-    import imageio
-
-    return [frame for frame in imageio.get_reader(str(path), "ffmpeg")]
-
-
 def test_vace_inference_edits_with_mask_and_reference_and_extends(tiny_vace_folder, tmp_path):
-    import inference
-
     _write_inputs(tmp_path)
     (tmp_path / "edit.txt").write_text("src.mp4\tmask\tref.png\ta red ball\n")
     (tmp_path / "extend.txt").write_text("src.mp4\t\tcontinue it\n")
     (tmp_path / "scale.yaml").write_text("context_scale: 0.5\nsample_steps: 1\n")
     common = ["--checkpoint_dir", tiny_vace_folder, "--device", "cpu"]
-    assert inference.main(list(map(str, ["--task", "vace", "--data_path", tmp_path / "edit.txt", "--output_folder",
-                                         tmp_path / "out", "--config_path", tmp_path / "scale.yaml", *common]))) == 0
-    assert inference.main(list(map(str, ["--task", "vace_extend", "--data_path", tmp_path / "extend.txt",
-                                         "--frame_num", 5, "--output_folder", tmp_path / "ext",
-                                         *common]))) == 0
+    assert run_inference_main("--task", "vace", "--data_path", tmp_path / "edit.txt", "--output_folder",
+                              tmp_path / "out", "--config_path", tmp_path / "scale.yaml", *common) == 0
+    assert run_inference_main("--task", "vace_extend", "--data_path", tmp_path / "extend.txt", "--frame_num", 5,
+                              "--output_folder", tmp_path / "ext", *common) == 0
     videos = sorted((tmp_path / "out").glob("*.mp4"))
-    assert [len(_frames(v)) for v in videos] == [5]
+    assert [len(mp4_frames(v)) for v in videos] == [5]
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert sidecar["context_scale"] == 0.5 and sidecar["sample_shift"] == 16.0 and sidecar["sample_steps"] == 1
     assert sidecar["inputs"]["src_mask"].endswith("mask")
     extended = next((tmp_path / "ext").glob("*.mp4"))
-    assert len(_frames(extended)) == 5 and _frames(extended)[0].shape == (32, 32, 3)
+    assert len(mp4_frames(extended)) == 5 and mp4_frames(extended)[0].shape == (32, 32, 3)
 
 
 def test_vace_source_frames_modes(tmp_path):

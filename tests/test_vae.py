@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from conftest import state_shapes
 from golden_kinds import REFERENCE_DIR
 from wan.checkpoint import CheckpointError, save_state_dict
 from wan.convert_vae import (VAE_CLASSES, config_from_diffusers, diffusers_config, load_vae, vae_from_diffusers,
@@ -54,7 +55,7 @@ def test_state_dict_matches_official_manifest(version):
     manifest = json.loads((REFERENCE_DIR / "manifests" / MANIFESTS[version]).read_text())
     with torch.device("meta"):
         vae = VAE_CLASSES[version]()
-    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == manifest["keys"]
+    assert state_shapes(vae.state_dict()) == manifest["keys"]
     assert sum(p.numel() for p in vae.parameters()) == manifest["num_params"]
     # the latent statistics are buffers outside the checkpoint, usable after a meta-device build
     assert not any(k.startswith("latents_") for k in vae.state_dict())

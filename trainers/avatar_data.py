@@ -13,19 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.video_io import count_frames, video_fps
 from wan.audio import load_audio
 from wan.audio.wav2vec import SAMPLE_RATE
 
-from .data import VideoDataset, count_frames, resize_crop, sample_frame_indices
+from .data import VideoDataset, resize_crop, sample_frame_indices
 
 MASKS = ("face", "lip")
-
-
-def video_fps(path):
-    import imageio.v2 as imageio
-
-    with imageio.get_reader(str(path), "ffmpeg") as reader:
-        return reader.get_meta_data()["fps"]
 
 
 def read_mask(path, height, width):

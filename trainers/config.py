@@ -123,6 +123,13 @@ def model_problems(section, key):
         yield f"{key}.checkpoint not found: {section.checkpoint}"
 
 
+def probability_problems(section, key, names):
+    """Problems of the entries `names` of a config section (found at `key`) that are not in [0, 1]."""
+    for name in names:
+        if not 0 <= section[name] <= 1:
+            yield f"{key}.{name} must be a probability in [0, 1], got {section[name]}"
+
+
 def _lora_problems(cfg):
     from wan.lora import INITS, match_modules
     from wan.modules.model import WanModel

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.video_io import count_frames, read_frames_at, video_size
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
@@ -53,29 +55,6 @@ def sample_frame_indices(total, num_frames, stride, rng):
     return list(range(start, start + num_frames * stride, stride))
 
 
-def read_frames(path, indices):
-    """The frames at sorted `indices` of a video -> uint8 [len(indices), H, W, 3]."""
-    import imageio.v2 as imageio
-
-    wanted, frames = set(indices), []
-    with imageio.get_reader(str(path), "ffmpeg") as reader:
-        for i, frame in enumerate(reader):
-            if i in wanted:
-                frames.append(frame)
-            if i >= indices[-1]:
-                break
-    if len(frames) != len(indices):
-        raise ValueError(f"could read only {len(frames)} of the {len(indices)} frames requested")
-    return np.stack(frames)
-
-
-def count_frames(path):
-    import imageio.v2 as imageio
-
-    with imageio.get_reader(str(path), "ffmpeg") as reader:
-        return reader.count_frames()
-
-
 def media_size(path, is_image):
     """(height, width) of an image or video file, read from its header."""
     if is_image:
@@ -83,11 +62,7 @@ def media_size(path, is_image):
 
         with Image.open(path) as image:
             return image.size[::-1]
-    import imageio.v2 as imageio
-
-    with imageio.get_reader(str(path), "ffmpeg") as reader:
-        width, height = reader.get_meta_data()["size"]
-    return height, width
+    return video_size(path)
 
 
 def _open_rgb(path):
@@ -209,11 +184,11 @@ class VideoDataset(SampleSet):
         else:
             rng = random.Random(f"{self.seed}/{epoch}/{index}")
             indices = sample_frame_indices(count_frames(entry["file_path"]), frames, self.frame_stride, rng)
-            pixels = read_frames(entry["file_path"], indices)
+            pixels = read_frames_at(entry["file_path"], indices)
         sample = {"video": to_clip(pixels, height, width), "text": entry["text"]}
         if entry.get("control_file_path"):  # VideoX-Fun control data: a frame-aligned control video
             control = entry["control_file_path"]
-            sample["control_video"] = to_clip(read_frames(control, indices) if entry.get("type", "video") != "image"
+            sample["control_video"] = to_clip(read_frames_at(control, indices) if entry.get("type", "video") != "image"
                                               else np.array(_open_rgb(control))[None], height, width)
         return sample
 

@@ -33,8 +33,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipelines.loading import read_wan_config
 from pipelines.references import (A3_SLOTS, clip_pixels, latent_mask, load_rgb, reference_frame_count,
                                   reference_video, vae_pixels)
+from pipelines.video_io import count_frames, read_frames_at
 from wan.checkpoint import read_checkpoint_keys, save_state_dict
 from wan.convert.dit_diffusers import DIT_DIFFUSERS_TABLE
 from wan.convert.encoders_hf import clip_config_from_hf, t5_config_from_hf
@@ -43,8 +45,8 @@ from wan.lora import save_lora_diffusers
 from wan.modules.multiref import MultiReferenceDiT, ReferenceTokens
 
 from . import register_trainer
-from .config import ConfigError
-from .data import SampleSet, count_frames, read_frames, resize_crop, sample_frame_indices
+from .config import ConfigError, probability_problems
+from .data import SampleSet, sample_frame_indices, to_clip
 from .diffusion import DiffusionTrainer
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,7 @@ class ReferenceVideoDataset(SampleSet):
         rng = random.Random(f"{self.seed}/{0 if cached else epoch}/{index}")
         path = self.folder / f"{name}.mp4"
         indices = sample_frame_indices(count_frames(path), self.video_frames, self.frame_stride, rng)
-        video = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        video = resize_crop(video, self.height, self.width).transpose(0, 1).contiguous()
+        video = to_clip(read_frames_at(path, indices), self.height, self.width)
         images = [load_rgb(self.folder / f"{name}_object.png")]
         for pattern in OPTIONAL.values():
             file = self.folder / pattern.format(name)
@@ -156,10 +157,7 @@ class MultiReferenceTrainer(DiffusionTrainer):
         if cfg.data.kind != "videos":
             yield "the multiref trainer reads a folder of NNN.mp4 / NNN.txt / NNN_object.png: set data.kind to videos"
         yield from super().config_problems(cfg)
-        m = cfg.multiref
-        for key in ("mask_dropout", "background_dropout"):
-            if not 0 <= m[key] <= 1:
-                yield f"multiref.{key} must be a probability in [0, 1], got {m[key]}"
+        yield from probability_problems(cfg.multiref, "multiref", ("mask_dropout", "background_dropout"))
         if cfg.data.num_frames <= slot_frame_count():
             yield (f"data.num_frames must leave frames after the {slot_frame_count()} reference frames: "
                    f"13, 17, ... (4n + 1), got {cfg.data.num_frames}")
@@ -318,7 +316,7 @@ def model_sections(ckpt_path):
     missing = [n for n in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder") if not (folder / n).exists()]
     if missing:
         raise ConfigError(f"model.ckpt_path {folder} lacks {', '.join(missing)}")
-    overrides = _read_json(folder / "wan_config.json").get("overrides", {}) if (folder / "wan_config.json").exists() else {}
+    overrides = read_wan_config(folder).get("overrides", {})
     _, vae_config = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     has_projection = any(k.startswith("visual_projection") for k in read_checkpoint_keys(folder / "image_encoder"))
     model = {"preset": None, "checkpoint": str(folder / "transformer"),

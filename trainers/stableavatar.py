@@ -14,19 +14,19 @@ StableAvatar DiT or its base (Wan2.1-Fun-1.3B-InP): then the 160 audio keys star
 k_vocal/v_vocal, a seeded random projector).
 """
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from wan.audio import Wav2Vec2Features
-from wan.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from wan.checkpoint import CheckpointError, read_state_dict
+from wan.model_loading import save_dit
 from wan.modules.stableavatar import StableAvatarModel
 
 from . import register_trainer
 from .avatar_data import AvatarVideoDataset
-from .config import DTYPES, dit_config
+from .config import DTYPES, dit_config, probability_problems
 from .diffusion import DiffusionTrainer
 from .encoders import Encoders
 
@@ -59,9 +59,7 @@ class StableAvatarTrainer(DiffusionTrainer):
             yield f"avatar.wav2vec must be a wav2vec2 folder (facebook/wav2vec2-base-960h), got {cfg.avatar.wav2vec}"
         if cfg.lora.enabled or cfg.causal.enabled:
             yield "the stableavatar trainer trains the audio adapter and blocks fully: disable lora and causal"
-        for key in ("audio_dropout", "clip_level_prob"):
-            if not 0 <= cfg.avatar[key] <= 1:
-                yield f"avatar.{key} must be in [0, 1], got {cfg.avatar[key]}"
+        yield from probability_problems(cfg.avatar, "avatar", ("audio_dropout", "clip_level_prob"))
         d = cfg.diffusion
         if d.timestep_sampling not in ("uniform", "logit_normal"):
             yield f"diffusion.timestep_sampling must be uniform or logit_normal, got '{d.timestep_sampling}'"
@@ -107,8 +105,8 @@ class StableAvatarTrainer(DiffusionTrainer):
         """The whole DiT (the loop gathers the trained weights; the frozen ones are the start's) as
         `model{suffix}.safetensors` + `config.json`, loadable by the `avatar` inference task."""
         state = {**self.frozen, **state}
-        save_state_dict({k: v.to(dtype) for k, v in state.items()}, folder / f"model{suffix}.safetensors")
-        (folder / "config.json").write_text(json.dumps({"_class_name": "StableAvatarModel", **self.dit}, indent=2))
+        save_dit(folder, {k: v.to(dtype) for k, v in state.items()}, self.dit, "StableAvatarModel",
+                 f"model{suffix}.safetensors")
 
     def loss(self, batch, generator):
         inputs = self.encoders(batch)

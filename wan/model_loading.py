@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_state_dict, read_state_dict
+from .checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
 from .convert.dit_diffusers import config_from_diffusers, dit_from_diffusers, is_diffusers_dit
 from .modules.model import WanModel
 
@@ -23,6 +23,14 @@ def read_dit_config(folder):
     if "num_attention_heads" in config:
         return config_from_diffusers(config)
     return config
+
+
+def save_dit(folder, state_dict, config, class_name, file_name="diffusion_pytorch_model.safetensors"):
+    """A DiT folder in the official layout: the weights as `file_name` and `config.json` (the model's
+    arguments under the release's `_class_name`, as `read_dit_config` reads them back)."""
+    folder = Path(folder)
+    save_state_dict(state_dict, folder / file_name)
+    (folder / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=2))
 
 
 def load_dit(path, config=None, dtype=None, device="cpu", nested_key=None):

@@ -15,7 +15,7 @@ import torch
 from wan.checkpoint import read_state_dict, save_state_dict
 
 from ..folder_convert import official_to_diffusers
-from ..loading import WAN_CONFIG, check_folder as check_wan_folder
+from ..loading import check_folder as check_wan_folder
 from ..multiref import A2_DEFAULTS, A2_SLOTS, A3_SLOTS, MultiReferencePipeline
 from ..references import CLIP_PAD_SIZE
 from ..tiny_checkpoint import make_tiny_checkpoint
@@ -36,7 +36,7 @@ def make_tiny(folder, seed=0):
     `image_processor/`."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as official:
-        make_tiny_checkpoint("i2v", official, seed)
+        make_tiny_checkpoint("i2v", official, seed, overrides={"frame_num": TINY_FRAME_NUM})
         official_to_diffusers(official, folder, "i2v")
     encoder = folder / "image_encoder"
     state = {k: v for k, v in read_state_dict(encoder / "model.safetensors").items()
@@ -55,9 +55,6 @@ def make_tiny(folder, seed=0):
     index = json.loads((folder / "model_index.json").read_text())
     index.update(_class_name="A2Pipeline", image_encoder=["transformers", "CLIPVisionModel"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    extra = json.loads((folder / WAN_CONFIG).read_text())
-    extra["overrides"]["frame_num"] = TINY_FRAME_NUM
-    (folder / WAN_CONFIG).write_text(json.dumps(extra, indent=2))
     shutil.rmtree(folder / "scheduler", ignore_errors=True)
     return folder
 

@@ -17,7 +17,6 @@ negative prompt and blank faces). `use_relighting_lora: true` (YAML) fuses the f
 shift 5, guide 1.0, 77 frames per clip, 30 fps.
 """
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -27,17 +26,16 @@ from tqdm import tqdm
 
 from pipelines.animate_inputs import REFERT_NUMS, clip_condition, clip_starts, padded_length, pingpong_indices
 from pipelines.guided_sampling import denoise
-from pipelines.loading import (WAN_CONFIG, _load_clip, _load_text_encoder, _load_vae, dit_weights, is_diffusers_folder,
-                               required_files, resolve_preset)
+from pipelines.loading import (check_variant_folder, dit_weights, load_folder_clip, load_folder_text_encoder,
+                               load_folder_vae, requested_dtype, resolve_preset, with_family_defaults)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.validation import InvalidInput, check_image_file, parse_size
-from pipelines.video_input import letterbox, read_video, to_unit
-from pipelines.video_io import image_to_tensor, write_frames
+from pipelines.video_io import image_to_tensor, letterbox, read_video, to_unit, write_frames
 from pipelines.wan_video import SampleSettings
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict
 from wan.configs import get_preset
 from wan.lora import fuse_lora
-from wan.model_loading import read_dit_config
+from wan.model_loading import read_dit_config, save_dit
 from wan.modules.animate import WanAnimateModel
 
 from . import ExtensionTask, register
@@ -53,22 +51,13 @@ PRESET_DEFAULTS = ("sample_steps", "sample_shift", "guide_scale", "frame_num", "
 def animate_preset(folder):
     """The i2v-14B preset with Animate's defaults, then the folder's own overrides (tiny folders)."""
     preset, extra = resolve_preset("i2v", folder)
-    overrides = extra.get("overrides", {})
-    changes = {k: overrides.get(k, DEFAULTS[k]) for k in PRESET_DEFAULTS}
-    return preset.with_overrides(name="animate-14B", fps=30, **changes), extra
+    preset = with_family_defaults(preset, folder, DEFAULTS, PRESET_DEFAULTS)
+    return preset.with_overrides(name="animate-14B", fps=30), extra
 
 
 def check_folder(folder):
-    if is_diffusers_folder(folder):
-        raise CheckpointError(f"{folder} is in the diffusers layout; the animate task reads the official "
-                              f"Wan2.2-Animate-14B folder (config.json, DiT shards, VAE, umT5, CLIP)")
-    if read_dit_config(folder) is None:
-        raise CheckpointError(f"missing {Path(folder) / 'config.json'} (the Animate DiT config)")
-    preset, _ = animate_preset(folder)
-    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete Wan2.2-Animate checkpoint; missing: {', '.join(missing)}")
-    dit_weights(folder)
+    check_variant_folder(folder, "Wan2.2-Animate-14B", "config.json, DiT shards, VAE, umT5, CLIP",
+                         "the Animate DiT config", animate_preset)
 
 
 def load_animate_dit(folder, text_len, dtype, device, relighting_lora=False):
@@ -199,11 +188,10 @@ class AnimatePipeline:
 def load(folder, args, config):
     preset, extra = animate_preset(folder)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
-    text_encoder.output_device = device
-    clip = _load_clip(folder, preset, extra, device)
-    vae = _load_vae(folder, preset, extra, device)
+    dtype = requested_dtype(args.dtype, device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, args.t5_cpu)
+    clip = load_folder_clip(folder, preset, extra, device)
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = load_animate_dit(folder, preset.text_len, dtype, device, config.get("use_relighting_lora", False))
     return AnimatePipeline(preset, dit, vae, text_encoder, clip, device, config.get("refert_num", 1))
 
@@ -215,16 +203,11 @@ TINY_ANIMATE_OVERRIDES = dict(frame_num=5, sample_steps=2)
 
 def make_tiny(folder, seed=0):
     """A tiny Wan2.2-Animate folder: the tiny i2v folder (CLIP included) with an Animate DiT of 5 layers."""
-    folder = make_tiny_checkpoint("i2v", folder, seed)
-    extra = json.loads((folder / WAN_CONFIG).read_text())
-    extra["overrides"].update(TINY_ANIMATE_OVERRIDES)
-    (folder / WAN_CONFIG).write_text(json.dumps(extra, indent=2))
+    folder = make_tiny_checkpoint("i2v", folder, seed, overrides=TINY_ANIMATE_OVERRIDES)
     config = {**get_preset("i2v-14B").dit, **TINY_DIT, "num_layers": 5, "model_type": "animate",
               "motion_encoder_dim": 512, **TINY_FACE}
     torch.manual_seed(seed)
-    dit = WanAnimateModel.from_config(config)
-    save_state_dict(dit.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanAnimateModel", **config}, indent=2))
+    save_dit(folder, WanAnimateModel.from_config(config).state_dict(), config, "WanAnimateModel")
     return folder
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.fun import FunInputs, FunPipeline, is_moe_folder, load_fun_components, mode_problem, read_video
+from pipelines.fun import (FunInputs, FunPipeline, is_moe_folder, load_fun_components, mode_problem,
+                           read_control_video)
 from pipelines.loading import check_folder as check_wan_folder
-from pipelines.loading import resolve_preset
+from pipelines.loading import with_family_defaults
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
 from pipelines.validation import check_image_file
 from pipelines.video_io import image_to_tensor, write_frames
@@ -54,12 +55,7 @@ def check_folder(folder, mode):
 
 def fun_preset(components, options):
     """The folder's preset with the Fun defaults, except what its wan_config fixes (tiny sizes)."""
-    _, extra = resolve_preset("i2v-A14B" if components.preset.is_moe else "i2v", components.folder)
-    fixed = extra.get("overrides", {})
-    changes = {k: options[k] for k in SETTING_FIELDS if k not in fixed}
-    if "sizes" not in fixed:
-        changes["sizes"] = (options["size"], *(s for s in components.preset.sizes if s != options["size"]))
-    return components.preset.with_overrides(**changes)
+    return with_family_defaults(components.preset, components.folder, options, SETTING_FIELDS)
 
 
 class FunTask:
@@ -79,10 +75,10 @@ class FunTask:
         image = {name: image_to_tensor(check_image_file(path)) for name, path in job.inputs.items()
                  if path is not None and name.endswith("image")}
         control = job.inputs.get("control_video")
+        control_video = None if control is None else read_control_video(control, width, height, settings.frame_num)
         inputs = FunInputs(start_image=image.get("start_image"), end_image=image.get("end_image"),
                            ref_image=image.get("ref_image"), pose_file=job.inputs.get("pose_file"),
-                           control_video=None if control is None else read_video(control, width, height,
-                                                                                 settings.frame_num))
+                           control_video=control_video)
         video = self.pipeline.generate(job.prompt, inputs, settings=settings)
         frames, height, width = write_frames(writer, video)
         used = {**vars(settings), "frames": frames, "height": height, "width": width}

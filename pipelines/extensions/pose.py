@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipelines.causal import causal_model_from_config
-from pipelines.loading import load_components, replace_dit_weights, resolve_preset
+from pipelines.loading import load_components, replace_dit_weights, resolve_preset, with_family_defaults
 from pipelines.loading import check_folder as check_wan_folder
 from pipelines.pose import PosePipeline
 from pipelines.tiny_checkpoint import make_tiny_checkpoint
@@ -59,12 +59,8 @@ def check_folder(folder, causal=False):
 
 def pose_preset(folder, task, defaults):
     """The folder's preset with the pose defaults, except what the folder's wan_config fixes (tiny sizes)."""
-    preset, extra = resolve_preset(task, folder)
-    fixed = extra.get("overrides", {})
-    changes = {k: defaults[k] for k in SETTING_FIELDS if k not in fixed}
-    if "sizes" not in fixed:
-        changes["sizes"] = (defaults["size"], *(s for s in preset.sizes if s != defaults["size"]))
-    return preset.with_overrides(**changes)
+    preset, _ = resolve_preset(task, folder)
+    return with_family_defaults(preset, folder, defaults, SETTING_FIELDS)
 
 
 def load(folder, args, config, causal=False):

@@ -14,16 +14,17 @@ import torch
 
 from wan.audio import Wav2Vec2Features
 from wan.audio.tiny import make_tiny_wav2vec2
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import load_state_dict, read_state_dict
 from wan.configs.preset import OFFICIAL_FILES
 from wan.convert_vae import load_vae
+from wan.model_loading import save_dit
 from wan.modules.s2v import WanS2VModel, s2v_config
 from wan.modules.t5 import T5Encoder
 from wan.modules.text_encoder import T5TextEncoder
 from wan.modules.vae2_1 import WanVAE21
 from wan.utils.tiny_tokenizer import make_tiny_tokenizer
 
-from ..loading import WAN_CONFIG, dit_weights
+from ..loading import WAN_CONFIG, default_dtype, dit_weights, read_wan_config, require_files, requested_dtype
 from ..s2v import S2V_DEFAULTS, S2VPipeline
 from ..tiny_checkpoint import TINY_DIT, TINY_T5, TINY_VAE, TINY_VOCAB
 from . import ExtensionTask, register
@@ -37,16 +38,14 @@ TINY_OVERRIDES = dict(sizes=["64*64"], frame_num=12, sample_steps=2)
 
 
 def check_folder(folder):
-    missing = [name for name in FILES if not (folder / name).exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete Wan2.2-S2V-14B checkpoint; missing: {', '.join(missing)}")
+    require_files(folder, [folder / name for name in FILES], "Wan2.2-S2V-14B")
     dit_weights(folder)
 
 
 def load(folder, args, config):
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    extra = json.loads((folder / WAN_CONFIG).read_text()) if (folder / WAN_CONFIG).exists() else {}
+    dtype = requested_dtype(args.dtype, device)
+    extra = read_wan_config(folder)
     dit_config = json.loads((folder / "config.json").read_text())
     with torch.device("meta"):
         dit = WanS2VModel.from_config(dit_config)
@@ -57,7 +56,7 @@ def load(folder, args, config):
     t5_device = torch.device("cpu") if args.t5_cpu else device
     text_encoder = T5TextEncoder.from_checkpoint(
         folder / OFFICIAL_FILES["t5_checkpoint"], folder / OFFICIAL_FILES["t5_tokenizer"], text_len=dit.text_len,
-        dtype=torch.float32 if t5_device.type == "cpu" else torch.bfloat16, device=t5_device, **extra.get("t5", {}))
+        dtype=default_dtype(t5_device), device=t5_device, **extra.get("t5", {}))
     text_encoder.output_device = device
     # wav2vec2 runs in fp32 on the CPU, as upstream.
     audio_encoder = Wav2Vec2Features.from_folder(folder / WAV2VEC_FOLDER).all_hidden_states
@@ -80,8 +79,7 @@ def make_tiny(folder, seed=0):
     audio_dim = json.loads((wav2vec / "config.json").read_text())["hidden_size"]
     config = s2v_config(**dims, audio_dim=audio_dim, audio_inject_layers=tuple(range(dims["num_layers"])))
     torch.manual_seed(seed)
-    save_state_dict(WanS2VModel.from_config(config).state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config}, indent=2))
+    save_dit(folder, WanS2VModel.from_config(config).state_dict(), config, "WanModel_S2V")
     torch.manual_seed(seed + 10)
     torch.save(WanVAE21(**TINY_VAE["wan2.1"]).state_dict(), folder / VAE_FILE)
     torch.manual_seed(seed + 20)

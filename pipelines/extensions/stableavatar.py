@@ -23,15 +23,17 @@ import torch
 
 from wan.audio import Wav2Vec2Features, load_audio
 from wan.audio.tiny import TINY_WAV2VEC2, make_tiny_wav2vec2
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict
 from wan.configs.preset import NEGATIVE_PROMPT, OFFICIAL_FILES
 from wan.convert_vae import VAE_CLASSES, load_vae
+from wan.model_loading import save_dit
 from wan.modules.clip import CLIPImageEncoder, VisionTransformer
 from wan.modules.stableavatar import STABLEAVATAR_1_3B, StableAvatarModel
 from wan.modules.t5 import T5Encoder
 from wan.modules.text_encoder import T5TextEncoder
 from wan.utils.tiny_tokenizer import make_tiny_tokenizer
 
+from ..loading import WAN_CONFIG, default_dtype, read_wan_config, require_files, requested_dtype
 from ..stableavatar import AvatarSettings, StableAvatarPipeline
 from ..tiny_checkpoint import TINY_CLIP, TINY_DIT, TINY_T5, TINY_VAE, TINY_VOCAB
 from ..validation import check_image_file
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 DIT_FILES = ("transformer3d-square.pt", "transformer3d-rec-vec.pt", "diffusion_pytorch_model.safetensors")
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_FOLDER = "wav2vec2-base-960h"
-WAN_CONFIG = "wan_config.json"
 # Options of AvatarSettings beyond the SampleSettings fields (size, sample_steps, sample_shift, guide_scale).
 OPTIONS = ("audio_guide_scale", "overlap", "overlap_weights", "clip_frames")
 # A cheaper tiny VAE than the core's (one residual block per stage): tiny runs are VAE-bound.
@@ -63,15 +64,8 @@ def check_folder(folder):
     dit_file(folder)
     required = [VAE_FILE, OFFICIAL_FILES["t5_checkpoint"], OFFICIAL_FILES["t5_tokenizer"],
                 OFFICIAL_FILES["clip_checkpoint"], f"{WAV2VEC_FOLDER}/config.json"]
-    missing = [name for name in required if not (folder / name).exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete StableAvatar folder; missing: {', '.join(missing)} "
-                              f"(see pipelines/extensions/stableavatar.py for the layout)")
-
-
-def _folder_config(folder):
-    path = folder / WAN_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    require_files(folder, [folder / name for name in required], "StableAvatar",
+                  " (see pipelines/extensions/stableavatar.py for the layout)")
 
 
 def load_dit(folder, dtype, device):
@@ -116,15 +110,14 @@ class AvatarRunner:
 def load(folder, args, config):
     folder = Path(folder)
     check_folder(folder)
-    extra = _folder_config(folder)
+    extra = read_wan_config(folder)
     device = torch.device(getattr(args, "device", None) or "cpu")
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else (
-        torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = requested_dtype(getattr(args, "dtype", None), device)
     dit = load_dit(folder, dtype, device)
     text_len = dit.text_len
     text_encoder = T5TextEncoder.from_checkpoint(folder / OFFICIAL_FILES["t5_checkpoint"],
                                                  folder / OFFICIAL_FILES["t5_tokenizer"], text_len=text_len,
-                                                 dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
+                                                 dtype=default_dtype(device),
                                                  device=device, **extra.get("t5", {}))
     clip = CLIPImageEncoder.from_checkpoint(folder / OFFICIAL_FILES["clip_checkpoint"], device=device,
                                             **extra.get("clip", {}))
@@ -149,8 +142,7 @@ def make_tiny(folder, seed=0):
             for layer in (block.cross_attn.k_vocal, block.cross_attn.v_vocal):
                 layer.weight.normal_(std=0.2)
                 layer.bias.normal_(std=0.2)
-    save_state_dict(dit.state_dict(), folder / DIT_FILES[-1])
-    (folder / "config.json").write_text(json.dumps({"_class_name": "StableAvatarModel", **config}, indent=2))
+    save_dit(folder, dit.state_dict(), config, "StableAvatarModel", DIT_FILES[-1])
     torch.manual_seed(seed + 10)
     torch.save(VAE_CLASSES["2.1"](**TINY_AVATAR_VAE).state_dict(), folder / VAE_FILE)
     torch.manual_seed(seed + 20)

@@ -8,30 +8,28 @@ Task `vace`, prompt-file lines `src_video<TAB>src_mask<TAB>ref_images<TAB>prompt
 - ref_images: one image, or a folder of images (file-name order), placed as reference frames.
 Task `vace_extend`, lines `src_video<TAB>ref_images<TAB>prompt`: continues the video: its frames
 (at most frame_num - 1) are kept and the rest of `frame_num` frames generated.
-Videos are files or folders of frames (see `pipelines.video_input`), scaled to cover `--size` and
+Videos are files or folders of frames (see `pipelines.video_io`), scaled to cover `--size` and
 centre-cropped; the first frame_num frames are used (rounded down to 4n+1). Unlike the official
 pipeline, a source video is not resampled over its whole duration. `context_scale` (YAML config,
 default 1.0) weights the VACE hints. Defaults as the official generate.py: shift 16, 50 steps,
 guide 5.0, 81 frames, 16 fps.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from pipelines.guided_sampling import denoise
-from pipelines.loading import (WAN_CONFIG, _load_text_encoder, _load_vae, dit_weights, is_diffusers_folder,
-                               required_files, resolve_preset)
+from pipelines.loading import (check_variant_folder, dit_weights, load_folder_text_encoder, load_folder_vae,
+                               requested_dtype, resolve_preset, with_family_defaults)
 from pipelines.tiny_checkpoint import TINY_DIT, make_tiny_checkpoint
 from pipelines.vace_context import vace_context
 from pipelines.validation import InvalidInput, check_image_file, parse_size
-from pipelines.video_input import IMAGE_SUFFIXES, letterbox, read_video, usable_frames
-from pipelines.video_io import image_to_tensor, write_frames
-from wan.checkpoint import CheckpointError, load_state_dict, read_state_dict, save_state_dict
+from pipelines.video_io import frame_files, image_to_tensor, letterbox, read_video, usable_frames, write_frames
+from wan.checkpoint import load_state_dict, read_state_dict
 from wan.configs import get_preset
-from wan.model_loading import read_dit_config
+from wan.model_loading import read_dit_config, save_dit
 from wan.modules.vace import VaceWanModel
 
 from . import ExtensionTask, register
@@ -57,22 +55,13 @@ def vace_dit_config(config):
 def vace_preset(folder):
     """The t2v preset the folder's DiT width matches, with VACE's defaults and the folder's overrides."""
     preset, extra = resolve_preset("t2v", folder)
-    overrides = extra.get("overrides", {})
-    return preset.with_overrides(name=preset.name.replace("t2v", "vace"),
-                                 sample_shift=overrides.get("sample_shift", VACE_SHIFT)), extra
+    preset = with_family_defaults(preset, folder, {"sample_shift": VACE_SHIFT}, ("sample_shift",))
+    return preset.with_overrides(name=preset.name.replace("t2v", "vace")), extra
 
 
 def check_folder(folder):
-    if is_diffusers_folder(folder):
-        raise CheckpointError(f"{folder} is in the diffusers layout; the vace tasks read the official "
-                              f"Wan2.1-VACE folder (config.json, diffusion_pytorch_model*.safetensors, VAE, umT5)")
-    if read_dit_config(folder) is None:
-        raise CheckpointError(f"missing {Path(folder) / 'config.json'} (the VACE DiT config with vace_layers)")
-    preset, _ = vace_preset(folder)
-    missing = [str(p) for p in required_files(folder, preset) if not p.exists()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete Wan2.1-VACE checkpoint; missing: {', '.join(missing)}")
-    dit_weights(folder)
+    check_variant_folder(folder, "Wan2.1-VACE", "config.json, diffusion_pytorch_model*.safetensors, VAE, umT5",
+                         "the VACE DiT config with vace_layers", vace_preset)
 
 
 def load_vace_dit(folder, text_len, dtype, device):
@@ -91,9 +80,7 @@ def reference_images(path, width, height):
     if path is None:
         return []
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
-    if not files:
-        raise InvalidInput(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = frame_files(path, "reference folder") if path.is_dir() else [path]
     # Placed as the official pipeline does: fit inside the frame on a white canvas.
     return [letterbox(image_to_tensor(check_image_file(p)), width, height, fill=1.0)[:, None] for p in files]
 
@@ -164,10 +151,9 @@ class VacePipeline:
 def load(folder, args, config, extend=False):
     preset, extra = vace_preset(folder)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    text_encoder = _load_text_encoder(folder, preset, extra, "cpu" if args.t5_cpu else device)
-    text_encoder.output_device = device
-    vae = _load_vae(folder, preset, extra, device)
+    dtype = requested_dtype(args.dtype, device)
+    text_encoder = load_folder_text_encoder(folder, preset, extra, device, args.t5_cpu)
+    vae = load_folder_vae(folder, preset, extra, device)
     dit = load_vace_dit(folder, preset.text_len, dtype, device)
     return VacePipeline(preset, dit, vae, text_encoder, device, config.get("context_scale", 1.0), extend)
 
@@ -178,16 +164,11 @@ TINY_VACE_OVERRIDES = dict(sizes=["32*32", "64*32"], frame_num=5, sample_steps=2
 
 def make_tiny(folder, seed=0):
     """A tiny Wan2.1-VACE folder: the tiny t2v folder with a VACE DiT (hints after blocks 0 and 1)."""
-    folder = make_tiny_checkpoint("t2v", folder, seed)
-    extra = json.loads((folder / WAN_CONFIG).read_text())
-    extra["overrides"].update(TINY_VACE_OVERRIDES)
-    (folder / WAN_CONFIG).write_text(json.dumps(extra, indent=2))
+    folder = make_tiny_checkpoint("t2v", folder, seed, overrides=TINY_VACE_OVERRIDES)
     config = {**get_preset("t2v-1.3B").dit, **TINY_DIT, "model_type": "vace", "vace_in_dim": 96,
               "vace_layers": [0, 1]}
     torch.manual_seed(seed)
-    dit = VaceWanModel.from_config(config)
-    save_state_dict(dit.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "VaceWanModel", **config}, indent=2))
+    save_dit(folder, VaceWanModel.from_config(config).state_dict(), config, "VaceWanModel")
     return folder
 
 

@@ -105,3 +105,12 @@ def load_runners():
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"{__name__}.{info.name}")
     return RUNNERS
+
+
+def run_cases_of_kind(folder, kind):
+    """Runs every case of `kind` in `folder` with its registered runner; returns how many ran."""
+    cases = [p for p in sorted(Path(folder).glob("*.safetensors")) if case_kind(p) == kind]
+    runner_of_kind = load_runners()[kind]
+    for path in cases:
+        runner_of_kind(load_case(path))
+    return len(cases)
