@@ -175,5 +175,5 @@ def test_inference_teacache_and_cfg_skip_flags_skip_work_and_are_recorded(tiny_t
     sidecar = json.loads(next((tmp_path / "fast").glob("*.json")).read_text())
     # The first 5 steps always run; with a huge threshold every later one reuses the cached residual.
     assert (sidecar["teacache_threshold"], sidecar["teacache_steps_run"], sidecar["cfg_skip_ratio"]) == (100, 5, 0.25)
-    videos = [read_frames(next((tmp_path / name).glob("*.mp4"))) for name in ("plain", "fast")]
+    videos = [mp4_frames(next((tmp_path / name).glob("*.mp4"))) for name in ("plain", "fast")]
     assert len(videos[1]) == 5 and any((a != b).any() for a, b in zip(*videos))
