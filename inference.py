@@ -163,6 +163,7 @@ class BidirectionalRunner:
         video = self.pipeline.generate(job.prompt, *images, settings=settings, progress=self.progress)
         frames, height, width = write_frames(writer, video)
         used = {"frames": frames, "height": height, "width": width, "cfg_skip_ratio": self.pipeline.cfg_skip_ratio,
+                "memory_mode": self.pipeline.memory_mode,
                 **vars(settings.resolved(self.pipeline.preset))}
         teacache = self.pipeline.teacache
         if teacache is not None:

@@ -208,7 +208,7 @@ def _random_lora(folder, path):
     return path
 
 
-def test_inference_memory_modes_each_write_a_video(tiny_t2v, tmp_path):
+def test_inference_memory_modes_each_write_a_video(tiny_t2v, tmp_path, single_thread):
     import inference
     from wan.offload import MEMORY_MODES
 
@@ -222,12 +222,13 @@ def test_inference_memory_modes_each_write_a_video(tiny_t2v, tmp_path):
                                "--memory_mode", mode]) == 0
         videos[mode] = read_frames(next(out.glob("*.mp4")))
         assert len(videos[mode]) == 5
+        assert json.loads(next(out.glob("*.json")).read_text())["memory_mode"] == mode
     # the offload modes only move weights: the video is the full-load one, bit for bit
     for mode in ("model_cpu_offload", "sequential_cpu_offload"):
         assert all((a == b).all() for a, b in zip(videos["model_full_load"], videos[mode])), mode
 
 
-def test_inference_memory_mode_quantizes_after_the_lora_merge(tiny_t2v, tmp_path):
+def test_inference_memory_mode_quantizes_after_the_lora_merge(tiny_t2v, tmp_path, single_thread):
     import torch
 
     import inference
