@@ -40,6 +40,7 @@ from pipelines.wan_video import SampleSettings, WanVideoPipeline
 from wan.audio.decode import mux_audio
 from wan.checkpoint import CheckpointError
 from wan.lora import fuse_lora
+from wan.offload import MEMORY_MODES, apply_memory_mode
 from wan.teacache import TeaCache, teacache_coefficients
 
 log = logging.getLogger("inference")
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="DiT dtype")
     parser.add_argument("--offload_model", action="store_true", help="keep the DiT on the CPU when idle")
+    parser.add_argument("--memory_mode", choices=MEMORY_MODES,
+                        help="VideoX-Fun's GPU memory mode for the DiT (wan/offload.py), applied after --lora fusion")
     parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     parser.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (bounded memory)")
     parser.add_argument("--teacache_threshold", type=float, default=0.0,
@@ -148,6 +151,7 @@ class BidirectionalRunner:
 
     def __init__(self, components, args, settings, progress=True):
         self.pipeline = WanVideoPipeline(components, args.device, offload_model=args.offload_model,
+                                         memory_mode=args.memory_mode,
                                          vae_tiling=args.vae_tiling,
                                          teacache=teacache_from_args(args, settings.resolved(components.preset).sample_steps),
                                          cfg_skip_ratio=args.cfg_skip_ratio)
@@ -159,6 +163,7 @@ class BidirectionalRunner:
         video = self.pipeline.generate(job.prompt, *images, settings=settings, progress=self.progress)
         frames, height, width = write_frames(writer, video)
         used = {"frames": frames, "height": height, "width": width, "cfg_skip_ratio": self.pipeline.cfg_skip_ratio,
+                "memory_mode": self.pipeline.memory_mode,
                 **vars(settings.resolved(self.pipeline.preset))}
         teacache = self.pipeline.teacache
         if teacache is not None:
@@ -253,12 +258,16 @@ def validate(args):
     if extension is not None:
         if args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp or launched_processes() > 1:
             raise InvalidInput(f"task {args.task} runs in one process; drop torchrun and the parallel options")
+        if args.memory_mode:
+            raise InvalidInput(f"--memory_mode applies to the core tasks; task {args.task} takes the YAML option "
+                               f"GPU_memory_mode where it supports one (fun-*)")
         if not Path(args.checkpoint_dir).is_dir():
             raise CheckpointError(f"checkpoint folder not found: {args.checkpoint_dir}")
         extension.check_folder(Path(args.checkpoint_dir))
         loras = [parse_lora(spec) for spec in args.lora]
         return extension, config, settings, fps, read_extension_prompt_file(args.data_path, extension), loras
     check_parallel(parallel_options(args), launched_processes(), is_causal(config), args.offload_model, args.t5_cpu)
+    check_memory_mode(args, is_causal(config))
     preset = check_folder(args.checkpoint_dir, args.task)
     loras = [parse_lora(spec) for spec in args.lora]
     dit_checkpoint = args.dit_checkpoint or config.get("generator_ckpt")
@@ -272,6 +281,18 @@ def validate(args):
         teacache_from_args(args, settings.resolved(preset).sample_steps)
         jobs = read_prompt_file(args.data_path, preset.task)
     return preset, config, settings, fps, jobs, loras
+
+
+def check_memory_mode(args, causal):
+    if not args.memory_mode:
+        return
+    if args.offload_model:
+        raise InvalidInput("--memory_mode and --offload_model both decide where the DiT lives; drop --offload_model "
+                           "(--memory_mode model_cpu_offload is its per-forward equivalent)")
+    if causal:
+        raise InvalidInput("--memory_mode applies to the bidirectional core tasks, not to causal configs")
+    if launched_processes() > 1 or args.ulysses_size > 1 or args.dit_fsdp:
+        raise InvalidInput("--memory_mode runs in one process; drop torchrun, --ulysses_size and --dit_fsdp")
 
 
 def fuse_loras(modules, loras):
@@ -289,6 +310,7 @@ def load(args, preset, config, loras):
     if isinstance(preset, ExtensionTask):
         pipeline = preset.load(Path(args.checkpoint_dir), args, config)
         fuse_loras(pipeline.dits, loras)
+        apply_memory_modes(pipeline.dits, getattr(pipeline, "memory_mode", None), args.device)
         return pipeline
     components = load_components(args.checkpoint_dir, args.task, dtype=dtype, device=args.device,
                                  t5_cpu=args.t5_cpu, offload_model=args.offload_model)
@@ -299,7 +321,17 @@ def load(args, preset, config, loras):
     experts = [components.dit.high_noise_model, components.dit.low_noise_model] if preset.is_moe \
         else [components.dit]
     fuse_loras(experts, loras)
+    apply_memory_modes(experts, args.memory_mode, args.device)
     return components
+
+
+def apply_memory_modes(dits, mode, device):
+    """The GPU memory mode on each DiT (expert), after the LoRA fusion: merging a LoRA into fp8 weights
+    would add their rounding error to the update (VideoX-Fun quantizes first and drifts)."""
+    if mode:
+        for dit in dits:
+            apply_memory_mode(dit, mode, device)
+        log.info("DiT memory mode %s", mode)
 
 
 class DiscardWriter:

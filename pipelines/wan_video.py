@@ -56,10 +56,12 @@ class WanVideoPipeline:
     teacache: a `wan.teacache.TeaCache` skipping the DiT blocks on steps whose timestep embedding
         barely changed (reset and attached to the DiT at each generation); None runs every step.
     cfg_skip_ratio: the last fraction of the steps runs only the conditional branch (0: never).
+    memory_mode: the `wan.offload` memory mode the caller applied to the DiT, which then places its
+        weights itself (the pipeline does not move it).
     """
 
     def __init__(self, components, device="cpu", offload_model=False, vae_tiling=False, teacache=None,
-                 cfg_skip_ratio=0.0):
+                 cfg_skip_ratio=0.0, memory_mode=None):
         self.components = components
         self.preset = components.preset
         self.device = torch.device(device)
@@ -67,6 +69,7 @@ class WanVideoPipeline:
         self.vae_tiling = vae_tiling
         self.teacache = teacache
         self.cfg_skip_ratio = cfg_skip_ratio
+        self.memory_mode = memory_mode
         self.expert_trace = []  # (timestep, expert) per step of the last A14B generation
 
     @property
@@ -140,7 +143,7 @@ class WanVideoPipeline:
             latent = keep * image_latent + (1 - keep) * latent
 
         dit = self.components.dit
-        if not self.preset.is_moe:
+        if not self.preset.is_moe and self.memory_mode is None:
             dit.to(self.device)
         sampler = get_sampler(settings.sample_solver, num_steps=settings.sample_steps, shift=settings.sample_shift,
                               num_train_timesteps=self.preset.num_train_timesteps)

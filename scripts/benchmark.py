@@ -4,6 +4,7 @@
     python scripts/benchmark.py dit --device cuda            # real sizes (random weights), bf16
     python scripts/benchmark.py dit --profile                # + torch.profiler summary of both
     python scripts/benchmark.py vae --vae_size 256 --vae_tile 128   # + ours with spatial tiling
+    python scripts/benchmark.py teacache --threads 1 --repeats 3    # TeaCache speed-up and PSNR
 
 Suites and peers:
   dit     DiT forward and forward+backward    vs diffusers `WanTransformer3DModel`
@@ -14,6 +15,8 @@ Suites and peers:
           recomputes the whole video so far for every block; on CUDA also frames per second
   train   one training step (flow-matching loss, backward, AdamW) vs the same step on diffusers'
           model: step time, tokens/s, peak memory; `--blocks_to_swap N` adds ours with N blocks offloaded
+  teacache the sampling loop of `WanVideoPipeline` with TeaCache at `--thresholds` vs the plain sampler
+          on a tiny random t2v DiT: steps run, time, speed-up and PSNR of the latents against the plain ones
 
 Timing: after a warm-up call each, ours and the peer run alternately `--repeats` times (so load on a
 shared machine hits both alike); the median times are printed, and as ratio the median over rounds of
@@ -48,7 +51,7 @@ from wan.modules.model import WanModel  # noqa: E402
 from wan.modules.vae2_1 import WanVAE21  # noqa: E402
 from wan.modules.vae_streaming import StreamingDecoder  # noqa: E402
 
-SUITES = ("dit", "vae", "t2v", "causal", "train")
+SUITES = ("dit", "vae", "t2v", "causal", "train", "teacache")
 
 # CPU configs: small enough for a 2-core machine, large enough that matmuls and attention dominate.
 CPU_DIT = dict(model_type="t2v", dim=512, ffn_dim=2048, num_heads=4, num_layers=4, text_dim=4096, freq_dim=256)
@@ -641,6 +644,77 @@ def suite_causal(args):
     torch.set_num_threads(args.threads)
 
 
+def psnr(actual, reference):
+    """dB, the peak being the reference's max |value|."""
+    mse = (actual.float() - reference.float()).pow(2).mean()
+    return float("inf") if mse == 0 else (10 * torch.log10(reference.abs().max() ** 2 / mse)).item()
+
+
+def teacache_components(args, device):
+    """A tiny t2v checkpoint's components with a random DiT of `--teacache_dim` / `--teacache_layers`;
+    its time projection bias is shifted (as in the golden trace) so the timestep embedding changes
+    between steps in the range the rescaling polynomial was fitted on. The decoder is skipped, so the
+    times are the sampling loop's (text encoding included)."""
+    import tempfile
+
+    from pipelines.loading import load_components
+    from pipelines.tiny_checkpoint import make_tiny_checkpoint
+
+    dim = args.teacache_dim
+    with tempfile.TemporaryDirectory() as tmp:
+        components = load_components(make_tiny_checkpoint("t2v", Path(tmp) / "t2v"), "t2v", device=device)
+    torch.manual_seed(0)
+    dit = WanModel(model_type="t2v", dim=dim, ffn_dim=2 * dim, num_heads=max(dim // 64, 1),
+                   num_layers=args.teacache_layers, freq_dim=32,
+                   text_dim=components.dit.text_embedding[0].in_features, text_len=32).eval()
+    with torch.no_grad():
+        dit.time_projection[1].bias += 5 * torch.randn(dit.time_projection[1].bias.shape)
+    components.dit = dit.requires_grad_(False).to(device)
+    components.vae.decode = lambda latent, tiled=False: latent
+    return components
+
+
+def suite_teacache(args):
+    """TeaCache at each `--thresholds` vs the plain sampler: same weights, prompt and seed."""
+    from pipelines.wan_video import SampleSettings, WanVideoPipeline
+    from wan.teacache import COEFFICIENTS, TeaCache
+
+    device, steps = torch.device(args.device), args.teacache_steps
+    components = teacache_components(args, device)
+    settings = SampleSettings(size="64*64", frame_num=9, sample_steps=steps, seed=0)
+    caches = {f"{th:g}": TeaCache(COEFFICIENTS[args.teacache_coefficients], num_steps=steps, threshold=th,
+                                  skip_start_steps=args.teacache_skip_start_steps) for th in args.thresholds}
+    outputs = {}
+
+    def generate(name):
+        pipeline = WanVideoPipeline(components, device, teacache=caches.get(name))
+
+        def run():
+            outputs[name] = pipeline.generate("a lighthouse in a storm", settings=settings, progress=False)
+        return run
+
+    times = interleaved({name: generate(name) for name in ["plain", *caches]}, args.repeats, device)
+    print(f"\nTeaCache on a tiny t2v DiT (dim {args.teacache_dim}, {args.teacache_layers} layers, 64x64x9, {steps} "
+          f"steps, {args.teacache_coefficients} coefficients, first {args.teacache_skip_start_steps} steps always "
+          f"run), {args.device}, {args.threads} threads, median of {args.repeats}")
+    print("| threshold | steps run | sampling s | speed-up | PSNR vs plain (dB) |")
+    print("|---|---|---|---|---|")
+    for name, timing in times.items():
+        run = steps if name == "plain" else sum(r["computed"] for r in caches[name].trace[-steps:])
+        print(f"| {name} | {run}/{steps} | {timing.wall:.2f} | {paired_ratio(times, 'plain', name):.2f}x | "
+              f"{psnr(outputs[name], outputs['plain']):.1f} |")
+
+
+def add_teacache_arguments(parser):
+    group = parser.add_argument_group("teacache suite")
+    group.add_argument("--thresholds", type=float, nargs="+", default=(0.05, 0.1, 0.2))
+    group.add_argument("--teacache_dim", type=int, default=256)
+    group.add_argument("--teacache_layers", type=int, default=4)
+    group.add_argument("--teacache_steps", type=int, default=20)
+    group.add_argument("--teacache_skip_start_steps", type=int, default=2)
+    group.add_argument("--teacache_coefficients", default="wan2.1-i2v-14b-720p")
+
+
 def add_causal_arguments(parser):
     group = parser.add_argument_group("causal suite")
     group.add_argument("--blocks", type=int, nargs="+", default=(4, 16, 64))
@@ -652,7 +726,8 @@ def add_causal_arguments(parser):
     group.add_argument("--causal_threads", type=int, default=1, help="CPU threads of the causal suite")
 
 
-SUITE_FUNCTIONS = {"dit": suite_dit, "vae": suite_vae, "t2v": suite_t2v, "causal": suite_causal, "train": suite_train}
+SUITE_FUNCTIONS = {"dit": suite_dit, "vae": suite_vae, "t2v": suite_t2v, "causal": suite_causal, "train": suite_train,
+                   "teacache": suite_teacache}
 CHILD_FUNCTIONS = {"vae": vae_child, "train": train_child}
 
 
@@ -674,6 +749,7 @@ def main():
     parser.add_argument("--vae_tile", type=int, default=0, help="vae: also time ours with tiles of this many pixels")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_causal_arguments(parser)
+    add_teacache_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")

@@ -123,3 +123,22 @@ def test_fun_wan22_control_experts_share_teacache_and_cfg_skip(tmp_path):
     # step (cfg skip) runs the conditional branch alone, a batch of one
     assert [r["step"] for r in cache.trace] == [0, 1, 2]
     assert cache.trace[2]["computed"] and cache.trace[2]["rel"] > 0.1
+
+
+def test_fun_gpu_memory_mode_option_quantizes_the_dit(folders, tmp_path):
+    from wan.fp8 import FP8Linear
+
+    config = tmp_path / "fun.yaml"
+    config.write_text("GPU_memory_mode: model_cpu_offload_and_qfloat8\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{IMAGE}\t\ta bird over a river\n")
+    args = inference.parse_args(["--task", "fun-inp", "--checkpoint_dir", str(folders["inp"]), "--data_path",
+                                 str(prompts), "--output_folder", str(tmp_path / "out"), "--config_path", str(config)])
+    preset, options, _, _, _, loras = inference.validate(args)
+    task = inference.load(args, preset, options, loras)
+    assert isinstance(task.dits[0].blocks[0].self_attn.q, FP8Linear)
+    assert _run("fun-inp", folders["inp"], f"{IMAGE}\t\tx", tmp_path / "out", "--config_path", str(config)) == 0
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+    config.write_text("GPU_memory_mode: lowvram\n")
+    with pytest.raises(ValueError, match="GPU_memory_mode 'lowvram' is not one of"):
+        _run("fun-inp", folders["inp"], f"{IMAGE}\t\tx", tmp_path / "out2", "--config_path", str(config))

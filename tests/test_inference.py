@@ -177,3 +177,85 @@ def test_inference_teacache_and_cfg_skip_flags_skip_work_and_are_recorded(tiny_t
     assert (sidecar["teacache_threshold"], sidecar["teacache_steps_run"], sidecar["cfg_skip_ratio"]) == (100, 5, 0.25)
     videos = [mp4_frames(next((tmp_path / name).glob("*.mp4"))) for name in ("plain", "fast")]
     assert len(videos[1]) == 5 and any((a != b).any() for a, b in zip(*videos))
+
+
+def _random_lora(folder, path):
+    import torch
+
+    from wan.lora import inject_lora, save_lora
+    from wan.model_loading import read_dit_config
+    from wan.modules.model import WanModel
+
+    dit = WanModel.from_config(read_dit_config(folder))
+    inject_lora(dit, ["blocks.*.self_attn.q"], rank=2)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.5)
+    save_lora(dit, path)
+    return path
+
+
+def test_inference_memory_modes_each_write_a_video(tiny_t2v, tmp_path, single_thread):
+    import inference
+    from wan.offload import MEMORY_MODES
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car.\n")
+    videos = {}
+    for mode in MEMORY_MODES:
+        out = tmp_path / mode
+        assert inference.main(["--task", "t2v", "--checkpoint_dir", str(tiny_t2v), "--data_path", str(prompts),
+                               "--output_folder", str(out), "--frame_num", "5", "--sample_steps", "2",
+                               "--memory_mode", mode]) == 0
+        videos[mode] = read_frames(next(out.glob("*.mp4")))
+        assert len(videos[mode]) == 5
+        assert json.loads(next(out.glob("*.json")).read_text())["memory_mode"] == mode
+    # the offload modes only move weights: the video is the full-load one, bit for bit
+    for mode in ("model_cpu_offload", "sequential_cpu_offload"):
+        assert all((a == b).all() for a, b in zip(videos["model_full_load"], videos[mode])), mode
+
+
+def test_inference_memory_mode_quantizes_after_the_lora_merge(tiny_t2v, tmp_path, single_thread):
+    import torch
+
+    import inference
+    from wan.fp8 import FP8, FP8Linear, quantize_tensor
+    from wan.lora import fuse_lora
+    from wan.model_loading import read_dit_config
+    from wan.modules.model import WanModel
+    from wan.checkpoint import load_state_dict, read_state_dict
+
+    lora = _random_lora(tiny_t2v, tmp_path / "lora.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car.\n")
+    args = inference.parse_args(["--task", "t2v", "--checkpoint_dir", str(tiny_t2v), "--data_path", str(prompts),
+                                 "--output_folder", str(tmp_path / "out"), "--lora", f"{lora}:0.7",
+                                 "--memory_mode", "model_cpu_offload_and_qfloat8"])
+    preset, config, _, _, _, loras = inference.validate(args)
+    dit = inference.load(args, preset, config, loras).dit
+    layer = dit.blocks[0].self_attn.q
+    assert isinstance(layer, FP8Linear) and layer.weight.dtype == FP8
+    assert isinstance(dit.blocks[1].ffn[0], FP8Linear)
+
+    base = WanModel.from_config(read_dit_config(tiny_t2v))
+    load_state_dict(base, read_state_dict(tiny_t2v / "diffusion_pytorch_model.safetensors"))
+    plain_weight = base.blocks[0].self_attn.q.weight.detach().clone()
+    with torch.no_grad():
+        fuse_lora(base, lora, 0.7)
+    merged_fp8, merged_scale = quantize_tensor(base.blocks[0].self_attn.q.weight)  # quantize(merge(W))
+    assert torch.equal(layer.weight.view(torch.uint8), merged_fp8.view(torch.uint8))
+    assert torch.equal(layer.scale_weight, merged_scale)
+    plain_fp8, _ = quantize_tensor(plain_weight)
+    assert not torch.equal(layer.weight.view(torch.uint8), plain_fp8.view(torch.uint8))
+
+
+def test_inference_memory_mode_excludes_offload_model(tiny_t2v, tmp_path, capsys):
+    import inference
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red car.\n")
+    assert inference.main(["--task", "t2v", "--checkpoint_dir", str(tiny_t2v), "--data_path", str(prompts),
+                           "--output_folder", str(tmp_path / "out"), "--offload_model",
+                           "--memory_mode", "model_cpu_offload"]) == 2
+    assert "--memory_mode and --offload_model" in capsys.readouterr().err

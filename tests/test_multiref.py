@@ -304,26 +304,20 @@ def write_a3_dataset(folder):
     (folder / "003.txt").write_text("no video")
 
 
-@pytest.fixture(scope="module")
-def a3_run(tiny_a2, tmp_path_factory):
-    """A tiny A3 LoRA run from a diffusion-pipe style TOML, through the shared loop; keeps the trainer."""
-    import train as train_script
-    from trainers.config import load_config
-    from trainers.multiref import MultiReferenceTrainer
-
-    root = tmp_path_factory.mktemp("a3")
+def write_a3_run(root, tiny_a2, max_steps=16, transformer_dtype="float32"):
+    """A tiny A3 LoRA config (diffusion-pipe style TOML) and its dataset under `root`."""
     write_a3_dataset(root / "data")
     (root / "dataset.toml").write_text('directory = "data"\nresolution = [16, 32]\nframes = 13\n'
                                        'mask_dropout = 0.5\nbackground_dropout = 0.5\ncache_latents = true\n')
     (root / "a3.toml").write_text(f"""
 output_dir = "run"
 dataset = "dataset.toml"
-max_steps = 16
-save_every_n_steps = 16
+max_steps = {max_steps}
+save_every_n_steps = {max_steps}
 [model]
 ckpt_path = "{tiny_a2}"
 dtype = "float32"
-transformer_dtype = "float32"
+transformer_dtype = "{transformer_dtype}"
 [adapter]
 type = "lora"
 rank = 4
@@ -335,6 +329,16 @@ lr = 2e-2
 [checkpoint]
 export_dtype = "fp32"
 """)
+    return root / "a3.toml"
+
+
+def train_a3(config_path):
+    """`train.py --config_path a3.toml` (no --logdir: the run goes to the TOML's output_dir); returns
+    the run with its trainer kept."""
+    import train as train_script
+    from trainers.config import load_config
+    from trainers.multiref import MultiReferenceTrainer
+
     trainers = []
     original_init = MultiReferenceTrainer.__init__
 
@@ -342,14 +346,20 @@ export_dtype = "fp32"
         original_init(self, *args)
         trainers.append(self)
     MultiReferenceTrainer.__init__ = keep
-    try:  # `train.py --config_path a3.toml`: no --logdir, the run goes to the TOML's output_dir
-        train_script.main(["--config_path", str(root / "a3.toml"), "data.num_workers=0"])
+    try:
+        train_script.main(["--config_path", str(config_path), "data.num_workers=0"])
     finally:
         MultiReferenceTrainer.__init__ = original_init
-    cfg = load_config(root / "a3.toml", ["data.num_workers=0"])
+    cfg = load_config(config_path, ["data.num_workers=0"])
     history = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return SimpleNamespace(root=root, cfg=cfg, history=history, trainer=trainers[0],
-                           export=Path(cfg.output_dir) / "checkpoints" / "step_000016")
+    return SimpleNamespace(root=config_path.parent, cfg=cfg, history=history, trainer=trainers[0],
+                           export=Path(cfg.output_dir) / "checkpoints" / f"step_{cfg.train.max_steps:06d}")
+
+
+@pytest.fixture(scope="module")
+def a3_run(tiny_a2, tmp_path_factory):
+    """A tiny A3 LoRA run from a diffusion-pipe style TOML, through the shared loop; keeps the trainer."""
+    return train_a3(write_a3_run(tmp_path_factory.mktemp("a3"), tiny_a2))
 
 
 def test_a3_toml_maps_onto_the_shared_config(a3_run):
@@ -394,7 +404,8 @@ def test_a3_bad_toml_keys_fail_with_clear_errors(a3_run, tmp_path):
     text = (a3_run.root / "a3.toml").read_text().replace('dataset = "dataset.toml"',
                                                         f'dataset = "{a3_run.root / "dataset.toml"}"')
     for old, new, message in [('type = "lora"', 'type = "lokr"', "adapter.type must be 'lora'"),
-                              ('transformer_dtype = "float32"', 'transformer_dtype = "float8"', "wan.fp8"),
+                              ('transformer_dtype = "float32"', 'transformer_dtype = "float16"',
+                               "model.transformer_dtype must be one of"),
                               ('max_steps = 16', 'epochs = 3', "unknown key(s) ['epochs']")]:
         path = tmp_path / "bad.toml"
         path.write_text(text.replace(old, new))
@@ -459,3 +470,22 @@ def test_a3_saved_lora_loads_in_diffusers_and_gives_our_output(a3_run, tiny_a2):
         with torch.no_grad():
             out = transformer(x, t, text, encoder_hidden_states_image=image_tokens, return_dict=False)[0]
         assert torch.allclose(out, expected, atol=1e-4), f"{name}: {(out - expected).abs().max()}"
+
+
+def test_a3_float8_base_trains_the_lora(tiny_a2, tmp_path):
+    """transformer_dtype = 'float8': the blocks' frozen linear weights are FP8Linear (fp8 storage, as
+    quantized from the checkpoint) through the loop's start-up broadcast; the LoRA trains."""
+    from wan.fp8 import FP8, FP8Linear
+    from wan.lora import LoRALinear
+
+    run = train_a3(write_a3_run(tmp_path, tiny_a2, max_steps=3, transformer_dtype="float8"))
+    assert run.cfg.multiref.fp8_base and run.cfg.model.frozen_dtype == "fp32"
+    assert len(run.history) == 3 and all(np.isfinite([r["loss"] for r in run.history]))
+    dit, start = run.trainer.dit_model, run.trainer.initial_state()
+    ffn, k_img = dit.blocks[0].ffn[0], dit.blocks[0].cross_attn.k_img
+    assert isinstance(ffn, FP8Linear) and ffn.weight.dtype == FP8 and ffn.scale_weight.item() != 1.0
+    assert torch.equal(ffn.weight.full_tensor().view(torch.uint8), start["model.blocks.0.ffn.0.weight"].view(torch.uint8))
+    assert isinstance(k_img, LoRALinear) and k_img.weight.dtype == torch.float32  # LoRA-wrapped: not quantized
+    lora_B = k_img.lora_B.weight
+    assert not torch.equal(lora_B.full_tensor() if hasattr(lora_B, "full_tensor") else lora_B,
+                           start["model.blocks.0.cross_attn.k_img.lora_B.weight"])

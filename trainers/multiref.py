@@ -19,6 +19,11 @@ Latent caching (`multiref.cache_latents`): before training, each sample not cach
 Configs: the shared YAML/TOML schema with `trainer: multiref`, or a diffusion-pipe style TOML
 (`output_dir`, `dataset = '<dataset>.toml'`, `[model]`, `[adapter]`, `[optimizer]`) that
 `config_from_pipe_toml` maps onto it (see configs/a3_lora.toml).
+
+fp8 base (`multiref.fp8_base`, the TOML's `transformer_dtype = 'float8'`): the frozen linear weights
+of the blocks are stored as float8 (`wan.fp8.quantize_fp8`, one scale per tensor) and dequantized in
+each matmul; the LoRA-wrapped layers keep their base weight in `model.frozen_dtype` and the LoRA
+weights stay fp32.
 """
 
 import json
@@ -41,6 +46,7 @@ from wan.checkpoint import read_checkpoint_keys, save_state_dict
 from wan.convert.dit_diffusers import DIT_DIFFUSERS_TABLE
 from wan.convert.encoders_hf import clip_config_from_hf, t5_config_from_hf
 from wan.convert_vae import config_from_diffusers as vae_config_from_diffusers
+from wan.fp8 import dit_linear_filter, quantize_fp8, quantize_state_dict
 from wan.lora import save_lora_diffusers
 from wan.modules.multiref import MultiReferenceDiT, ReferenceTokens
 
@@ -146,6 +152,11 @@ def draw_dropout(present, mask_dropout, background_dropout, generator):
 # -- trainer -----------------------------------------------------------------------------------------
 
 
+def frozen_block_linear(name, module):
+    """The fp8 base's selection: the blocks' frozen linear layers (not the LoRA adapters' lora_A / lora_B)."""
+    return dit_linear_filter(name, module) and not module.weight.requires_grad
+
+
 @register_trainer("multiref")
 class MultiReferenceTrainer(DiffusionTrainer):
     """The diffusion trainer with A3's reference conditioning and dropout (see the module docstring)."""
@@ -163,6 +174,8 @@ class MultiReferenceTrainer(DiffusionTrainer):
                    f"13, 17, ... (4n + 1), got {cfg.data.num_frames}")
         if cfg.encoders.clip_checkpoint is None:
             yield "the multiref trainer needs the CLIP image encoder: set encoders.clip_checkpoint"
+        if m.fp8_base and not cfg.lora.enabled:
+            yield "multiref.fp8_base stores the frozen base in fp8: it needs a LoRA (lora.enabled), not a full fine-tune"
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -171,6 +184,11 @@ class MultiReferenceTrainer(DiffusionTrainer):
         self.model = MultiReferenceDiT(self.dit_model)
         self.prefix = "model."
         self.options = cfg.multiref
+        self.fp8_names = quantize_fp8(self.dit_model, select=frozen_block_linear) if cfg.multiref.fp8_base else []
+
+    def initial_state(self):
+        state = super().initial_state()
+        return quantize_state_dict(state, [self.prefix + n for n in self.fp8_names]) if self.fp8_names else state
 
     def frozen_modules(self):
         return self.frozen.modules()
@@ -386,16 +404,9 @@ def config_from_pipe_toml(data, path):
         raise ConfigError(f"{path}: [model] needs ckpt_path (the A2 checkpoint folder)")
     model, encoders = model_sections(m["ckpt_path"])
     frozen = _choice(m.get("transformer_dtype", m.get("dtype", "bfloat16")), FROZEN_DTYPES, "model.transformer_dtype")
-    if frozen == "float8":
-        try:
-            import wan.fp8  # noqa: F401
-        except ImportError:
-            raise ConfigError("model.transformer_dtype = 'float8' needs fp8 weight storage (module wan.fp8), which "
-                              "this checkout does not have; use 'bfloat16'") from None
-        raise ConfigError("model.transformer_dtype = 'float8': wan.fp8 is present, but the multiref trainer does not "
-                          "store its frozen weights with it yet (the shared loop broadcasts the starting weights, "
-                          "and gloo has no float8); use 'bfloat16'")
-    model["frozen_dtype"] = frozen
+    compute = _choice(m.get("dtype", "bfloat16"), COMPUTE_DTYPES, "model.dtype")
+    # float8: the blocks' linear weights in fp8, the other frozen weights in the compute dtype
+    model["frozen_dtype"] = compute if frozen == "float8" else frozen
     if "activation_checkpointing" in data:
         model["gradient_checkpointing"] = bool(data["activation_checkpointing"])
 
@@ -418,10 +429,11 @@ def config_from_pipe_toml(data, path):
     micro = data.get("micro_batch_size_per_gpu", 1)
     world = int(os.environ.get("WORLD_SIZE", 1))
     train = {"batch_size": micro, "total_batch_size": micro * data.get("gradient_accumulation_steps", 1) * world,
-             "mixed_precision": _choice(m.get("dtype", "bfloat16"), COMPUTE_DTYPES, "model.dtype")}
+             "mixed_precision": compute}
     if "max_steps" in data:
         train["max_steps"] = data["max_steps"]
     dataset, multiref = dataset_sections(relative(data["dataset"]))
+    multiref["fp8_base"] = frozen == "float8"
     config = {"trainer": "multiref", "output_dir": relative(data["output_dir"]), "model": model, "lora": lora,
               "data": dataset, "encoders": encoders, "optimizer": optimizer, "multiref": multiref,
               "train": {**train, **data.get("train", {})}}

@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from wan.fp8 import FP8
 from wan.modules.model import WanModel
 
 
@@ -97,8 +99,30 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32):
 
 def materialize(model, state, device):
     """Allocates a meta-device (sharded) model on `device` and fills it from the full state dict
-    `state`, read on rank 0 only (other ranks pass None) and broadcast shard by shard."""
+    `state`, read on rank 0 only (other ranks pass None) and broadcast shard by shard. fp8 weights
+    (`wan.fp8.FP8Linear`) travel as their bytes: the collectives have no float8 type."""
     model.to_empty(device=device)
-    set_model_state_dict(model, dict(state) if state is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    state = dict(state) if state is not None else {}
+    fp8 = {name: p for name, p in model.named_parameters() if p.dtype == FP8}
+    if fp8 and dist.get_rank() == 0:
+        missing = sorted(set(model.state_dict()) - set(state))
+        if missing:
+            raise KeyError(f"the starting state lacks {len(missing)} key(s) of the model: {missing[:10]}")
+    set_model_state_dict(model, {k: v for k, v in state.items() if k not in fp8},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not fp8))
+    for name, param in fp8.items():
+        broadcast_fp8(param, state.get(name), device)
     return model
+
+
+def broadcast_fp8(param, full, device):
+    """Fills fp8 parameter `param` (sharded DTensor or plain) with the full tensor `full` of rank 0,
+    sent as uint8."""
+    data = (full if full is not None else torch.empty(param.shape, dtype=FP8)).to(device).contiguous()
+    data = data.view(torch.uint8)
+    dist.broadcast(data, src=0)
+    if isinstance(param, DTensor):
+        local = distribute_tensor(data, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().view(torch.uint8).copy_(local)
+    else:
+        param.data.view(torch.uint8).copy_(data)

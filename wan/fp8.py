@@ -38,6 +38,13 @@ def quantize_tensor(weight, scaled=True):
     return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def quantize_weight(weight, scaled="auto"):
+    """`quantize_tensor`, where scaled="auto" means scale 1 for a weight already made of fp8 numbers."""
+    if scaled == "auto":
+        scaled = not is_fp8_exact(weight)
+    return quantize_tensor(weight, scaled)
+
+
 class FP8Linear(nn.Module):
     """nn.Linear with its weight stored in float8_e4m3fn and a per-tensor scale.
 
@@ -62,10 +69,10 @@ class FP8Linear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device,
                     bias_dtype=None if linear.bias is None else linear.bias.dtype)
         if weight.is_meta:  # quantized before the checkpoint is loaded: shapes only
+            if linear.bias is not None:
+                layer.bias.requires_grad_(linear.bias.requires_grad)
             return layer
-        if scaled == "auto":
-            scaled = not is_fp8_exact(weight)
-        q, scale = quantize_tensor(weight, scaled)
+        q, scale = quantize_weight(weight, scaled)
         layer.weight.data, layer.scale_weight = q, scale
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
@@ -104,6 +111,15 @@ def quantize_fp8(model, scaled="auto", select=dit_linear_filter):
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), scaled))
     return names
+
+
+def quantize_state_dict(state, names, scaled="auto"):
+    """A full state dict's `{name}.weight` for each of `names` (as `quantize_fp8` returns them) stored as
+    an `FP8Linear` holds it: the fp8 weight and its `{name}.scale_weight`. Returns a new dict."""
+    state = dict(state)
+    for name in names:
+        state[f"{name}.weight"], state[f"{name}.scale_weight"] = quantize_weight(state[f"{name}.weight"], scaled)
+    return state
 
 
 def fp8_bytes(model):

@@ -29,7 +29,8 @@ class ExtensionTask:
         with `inputs` {field: Path or None}, `settings` a `SampleSettings` whose None fields take the
         defaults, `writer` takes uint8 HWC frames, see `pipelines.video_io.write_frames`); `config`
         holds the YAML's options. An `audio_track` entry (a path) in the returned dict is muxed into
-        the written mp4 (`wan.audio.mux_audio`).
+        the written mp4 (`wan.audio.mux_audio`). An optional `memory_mode` attribute (a
+        `wan.offload.MEMORY_MODES` name) is applied to the `dits` after the LoRA fusion.
     make_tiny(folder, seed): writes a tiny random-weight checkpoint folder for this task.
     """
     name: str

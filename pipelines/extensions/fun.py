@@ -11,7 +11,8 @@ The checkpoint folder is a VideoX-Fun release (Wan2.1-Fun: the official Wan2.1 I
 Wan2.2-Fun A14B: `high_noise_model/` and `low_noise_model/`). Options (YAML `--config_path`):
 `teacache_threshold` (0 = off; VideoX-Fun's scripts use 0.1), `teacache_skip_start_steps` (5),
 `teacache_model` (the release name whose coefficients to use; default the folder's name),
-`cfg_skip_ratio` (0 = off).
+`cfg_skip_ratio` (0 = off), `GPU_memory_mode` (VideoX-Fun's name; one of `wan.offload.MEMORY_MODES`,
+applied to each DiT after the `--lora` fusion; default: the DiT stays on the device).
 """
 
 import json
@@ -29,6 +30,7 @@ from pipelines.video_io import image_to_tensor, write_frames
 from wan.checkpoint import CheckpointError, save_state_dict
 from wan.model_loading import read_dit_config
 from wan.modules.fun import FunWanModel
+from wan.offload import MEMORY_MODES
 from wan.teacache import TeaCache, teacache_coefficients
 
 from . import ExtensionTask, register
@@ -36,7 +38,8 @@ from . import ExtensionTask, register
 SETTING_FIELDS = ("frame_num", "sample_steps", "sample_shift", "guide_scale")
 # VideoX-Fun's predict scripts: 81 frames at 16 fps, 50 steps, guidance 6.0, shift 5 (FACTS section 7).
 FUN_DEFAULTS = dict(size="832*480", frame_num=81, sample_steps=50, sample_shift=5.0, guide_scale=6.0,
-                    teacache_threshold=0.0, teacache_skip_start_steps=5, teacache_model=None, cfg_skip_ratio=0.0)
+                    teacache_threshold=0.0, teacache_skip_start_steps=5, teacache_model=None, cfg_skip_ratio=0.0,
+                    GPU_memory_mode=None)
 # (mode, Wan2.2) -> (in_dim, FunWanModel extras) of the tiny checkpoints (V1.1 / Wan2.2-Fun layouts)
 TINY_MODELS = {("inp", False): (36, {}), ("control", False): (48, {"add_ref_conv": True}),
                ("camera", False): (32, {"add_control_adapter": True}),
@@ -63,6 +66,7 @@ class FunTask:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.memory_mode = pipeline.memory_mode  # applied by inference.py after the LoRA fusion
 
     @property
     def dits(self):
@@ -91,6 +95,11 @@ class FunTask:
 
 def load(folder, args, config, mode):
     options = {**FUN_DEFAULTS, **config}
+    memory_mode = options["GPU_memory_mode"]
+    if memory_mode is not None and memory_mode not in MEMORY_MODES:
+        raise ValueError(f"GPU_memory_mode '{memory_mode}' is not one of {', '.join(MEMORY_MODES)}")
+    if memory_mode is not None and args.offload_model:
+        raise ValueError("GPU_memory_mode and --offload_model both decide where the DiT lives; drop --offload_model")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     components = load_fun_components(folder, dtype=dtype, device=args.device, t5_cpu=args.t5_cpu,
                                      offload_model=args.offload_model)
@@ -101,7 +110,8 @@ def load(folder, args, config, mode):
                             num_steps=components.preset.sample_steps, threshold=options["teacache_threshold"],
                             skip_start_steps=options["teacache_skip_start_steps"])
     pipeline = FunPipeline(components, mode, args.device, offload_model=args.offload_model,
-                           vae_tiling=args.vae_tiling, teacache=teacache, cfg_skip_ratio=options["cfg_skip_ratio"])
+                           vae_tiling=args.vae_tiling, teacache=teacache, cfg_skip_ratio=options["cfg_skip_ratio"],
+                           memory_mode=memory_mode)
     return FunTask(pipeline)
 
 
