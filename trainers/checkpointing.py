@@ -91,8 +91,8 @@ class Checkpointer:
         torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
         weights = get_model_state_dict(self.trainer.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-        trainable = {name for name, p in self.trainer.model.named_parameters() if p.requires_grad}
-        weights = {k: v for k, v in weights.items() if k in trainable}  # buffers (e.g. fp8 scales) are not weights
+        buffers = {name for name, _ in self.trainer.model.named_buffers()}
+        weights = {k: v for k, v in weights.items() if k not in buffers}  # buffers (e.g. fp8 scales) are not weights
         ema = gather_full(self.ema.state_dict(), self.env.is_main) if self.ema is not None else None
         if self.env.is_main:
             self.trainer.export(weights, tmp)

@@ -174,7 +174,7 @@ class MultiReferenceTrainer(DiffusionTrainer):
                    f"13, 17, ... (4n + 1), got {cfg.data.num_frames}")
         if cfg.encoders.clip_checkpoint is None:
             yield "the multiref trainer needs the CLIP image encoder: set encoders.clip_checkpoint"
-        if m.fp8_base and not cfg.lora.enabled:
+        if cfg.multiref.fp8_base and not cfg.lora.enabled:
             yield "multiref.fp8_base stores the frozen base in fp8: it needs a LoRA (lora.enabled), not a full fine-tune"
 
     def __init__(self, cfg, device):
