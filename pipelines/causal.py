@@ -81,7 +81,10 @@ class CausalPipeline:
                              f"{num_frames} frames start at {boundaries}")
         tokens_per_frame = math.prod(latent_size) // math.prod(model.model.patch_size[1:])
         check_video_condition(y, add_condition, num_frames, tokens_per_frame)
-        new_cache = lambda: model.new_kv_cache(num_frames if self.static_shapes else None, self.static_shapes)  # noqa: E731
+
+        def new_cache():  # a static-shape cache is allocated for the whole video at once
+            return model.new_kv_cache(num_frames if self.static_shapes else None, self.static_shapes)
+
         branches = [(new_cache(), model.cross_cache(context, clip_fea), add_condition)]
         if self.guide_scale != 1:
             if negative_context is None:
