@@ -34,11 +34,13 @@ class CausalPipeline:
         clean block is noised to it first (as Self-Forcing's training does).
     """
 
-    def __init__(self, model, sampler, guide_scale=1.0, context_noise=0):
+    def __init__(self, model, sampler, guide_scale=1.0, context_noise=0, static_shapes=False):
+        """static_shapes: KV caches with fixed-shape steps, for CUDA graphs (see `wan.modules.kv_cache`)."""
         self.model = model
         self.sampler = sampler
         self.guide_scale = guide_scale
         self.context_noise = context_noise
+        self.static_shapes = static_shapes
 
     @classmethod
     def few_step(cls, model, denoising_step_list=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0,
@@ -79,11 +81,15 @@ class CausalPipeline:
                              f"{num_frames} frames start at {boundaries}")
         tokens_per_frame = math.prod(latent_size) // math.prod(model.model.patch_size[1:])
         check_video_condition(y, add_condition, num_frames, tokens_per_frame)
-        branches = [(model.new_kv_cache(), model.cross_cache(context, clip_fea), add_condition)]
+
+        def new_cache():  # a static-shape cache is allocated for the whole video at once
+            return model.new_kv_cache(num_frames if self.static_shapes else None, self.static_shapes)
+
+        branches = [(new_cache(), model.cross_cache(context, clip_fea), add_condition)]
         if self.guide_scale != 1:
             if negative_context is None:
                 raise ValueError(f"guide_scale {self.guide_scale} needs negative_context")
-            branches.append((model.new_kv_cache(), model.cross_cache(negative_context, clip_fea), None))
+            branches.append((new_cache(), model.cross_cache(negative_context, clip_fea), None))
         channels, device = model.model.out_dim, model.model.device
         for start, size in zip(boundaries, sizes):
             block = [(kv, cross, block_condition(y, condition, start, size, tokens_per_frame))

@@ -43,10 +43,10 @@ def _block_timesteps(causal, num_frames):
     return torch.tensor([per_frame]), per_block
 
 
-def _generate_blocks(causal, x, context, per_block, junk_steps=1):
+def _generate_blocks(causal, x, context, per_block, junk_steps=1, **cache_options):
     """Incremental generation: each block first gets `junk_steps` forwards of other inputs (the
     denoising steps), then the real one, whose output is returned; the last forward is cached."""
-    kv, cross = causal.new_kv_cache(), causal.cross_cache(context)
+    kv, cross = causal.new_kv_cache(**cache_options), causal.cross_cache(context)
     g = torch.Generator().manual_seed(1)
     outputs, start = [], 0
     for n, t in zip(causal.block_sizes(x.shape[2]), per_block):
@@ -292,3 +292,47 @@ def test_causal_self_forcing_config_gives_the_few_step_pipeline(wan):
     assert causal.block_sizes(config["num_output_frames"]) == [3] * 7
     assert pipe.guide_scale == 1 and pipe.context_noise == 0
     torch.testing.assert_close(pipe.sampler.timesteps, torch.tensor([1000, 937.5, 2500 / 3, 625]))
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_frame_per_block=2),  # unbounded: allocated for the whole video
+    dict(num_frame_per_block=2, local_attn_size=4),  # rolling past the window
+    dict(num_frame_per_block=1, local_attn_size=4, sink_size=2, independent_first_frame=True),
+])
+def test_causal_static_shape_cache_equals_the_plain_cache(wan, options):
+    causal = CausalWanModel(wan, **options)
+    num_frames = 7
+    x, context = _inputs(num_frames)
+    _, per_block = _block_timesteps(causal, num_frames)
+    with torch.no_grad():
+        plain, _ = _generate_blocks(causal, x, context, per_block)
+        static, kv = _generate_blocks(causal, x, context, per_block, num_frames=num_frames, static_shapes=True)
+    torch.testing.assert_close(static, plain, atol=1e-5, rtol=1e-5)
+    capacity = num_frames if causal.local_attn_size == -1 else causal.local_attn_size
+    assert kv.layers[0].k.shape[1] == capacity and kv.slot_in_use.shape == (capacity,)
+    assert kv.slot_in_use.all()
+
+
+def test_causal_static_shape_cache_steps_keep_their_shapes_and_tensors(wan):
+    causal = CausalWanModel(wan, num_frame_per_block=2, local_attn_size=4)
+    kv, cross = causal.new_kv_cache(static_shapes=True), causal.cross_cache(torch.randn(1, 5, 32))
+    seen = set()
+    with torch.no_grad():
+        for start in range(0, 8, 2):
+            causal.forward_block(torch.randn(1, 16, 2, *GRID), torch.tensor([500.0]), start, kv, cross)
+            seen.add((kv.layers[0].k.data_ptr(), kv.slot_index.data_ptr(), kv.slot_in_use.data_ptr()))
+    assert len(seen) == 1  # the same buffers every block: what a captured CUDA graph reads
+    assert kv.slot_index.tolist() == [2, 3]  # the fourth block took the slots of frames 2, 3
+    with pytest.raises(ValueError, match="needs num_frames"):
+        CausalWanModel(wan, num_frame_per_block=2).new_kv_cache(static_shapes=True)
+
+
+def test_causal_pipeline_static_shapes_equals_plain(wan):
+    causal = CausalWanModel(wan, num_frame_per_block=2, local_attn_size=4, sink_size=1)
+    context = torch.randn(1, 5, 32)
+    runs = []
+    for static in (False, True):
+        pipe = CausalPipeline.few_step(causal, [1000, 500])
+        pipe.static_shapes = static
+        runs.append(torch.cat(list(pipe.generate(context, 8, GRID, generator=torch.Generator().manual_seed(0))), 2))
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=1e-5)

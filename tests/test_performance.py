@@ -1,6 +1,8 @@
 """Fast paths and memory features, each against the plain path: fp8 weight storage, block swap and
-memory modes, compiled blocks, attention backends, the complex-multiply RoPE. No timing here (see
+memory modes, compiled blocks, attention backends, the complex-multiply RoPE, the fused norms. No timing here (see
 scripts/benchmark.py)."""
+
+import copy
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from wan.fp8 import FP8, FP8_MAX, FP8Linear, fp8_bytes, quantize_fp8, quantize_t
 from wan.lora import inject_lora
 from wan.modules.attention import attention, attention_backend, set_attention_backend
 from wan.modules.model import WanModel
+from wan.modules.norms import LayerNorm, RMSNorm, fused_norms, modulate
 from wan.modules.rope import apply_rope, grid_positions, rope_cos_sin
 from wan.offload import MEMORY_MODES, apply_block_swap, apply_memory_mode
 
@@ -192,3 +195,44 @@ def test_rope_complex_multiply_equals_the_real_rotation():
     assert torch.equal(out[:, 24:], x[:, 24:])
     strided = torch.randn(2, 24, 2, 24)[..., ::2]  # a non-contiguous view
     torch.testing.assert_close(apply_rope(strided, cos, sin), apply_rope(strided.contiguous(), cos, sin))
+
+
+# -- fused norms ----------------------------------------------------------------------------------
+
+def test_fused_rms_norm_equals_the_plain_path():
+    norm = RMSNorm(24, eps=1e-6)
+    norm.weight.data = torch.randn(24)
+    half = copy.deepcopy(norm).bfloat16()
+    x = torch.randn(2, 7, 24)
+    with fused_norms(False):
+        plain, plain_half = norm(x), half(x.bfloat16())
+    torch.testing.assert_close(norm(x), plain, atol=1e-6, rtol=1e-6)
+    # half precision keeps the official order: normalize in fp32, cast, then multiply
+    assert torch.equal(half(x.bfloat16()), plain_half)
+
+
+@pytest.mark.parametrize("rows", [1, 7])  # one (shift, scale) row for all tokens (fused) or one per token
+def test_fused_layer_norm_modulation_equals_the_plain_path(rows):
+    norm = LayerNorm(24)
+    x, shift, scale = torch.randn(1, 7, 24), torch.randn(1, rows, 24), torch.randn(1, rows, 24)
+    with fused_norms(False):
+        plain = norm.modulated(x, shift, scale)
+    torch.testing.assert_close(plain, modulate(F.layer_norm(x, (24,), eps=1e-6), shift, scale), atol=0, rtol=0)
+    torch.testing.assert_close(norm.modulated(x, shift, scale), plain, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_norms_model_forward_and_gradients_equal_the_plain_path():
+    model = _model(num_layers=2)
+    x, t, context = _inputs()
+    outputs, grads = [], []
+    for fused in (False, True):  # batch 2 (per-sample modulation, plain) and batch 1 (fused adaLN)
+        with fused_norms(fused):
+            model.zero_grad()
+            out = torch.cat([model(x, t, context), model(x[:1], t[:1], context[:1])])
+            out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and "blocks.0.modulation" in grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

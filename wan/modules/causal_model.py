@@ -102,10 +102,11 @@ class CausalWanModel(nn.Module):
                                   model.embed_context(context, clip_fea), mask)
         return model.project_out(tokens, e, grid)
 
-    def new_kv_cache(self, num_frames=None):
+    def new_kv_cache(self, num_frames=None, static_shapes=False):
         """An empty self-attention cache for one generation stream (one per CFG branch); `num_frames`,
-        the video's length if known, sizes an unbounded cache at once."""
-        return KVCache(len(self.model.blocks), self.local_attn_size, self.sink_size, num_frames)
+        the video's length if known, sizes an unbounded cache at once. static_shapes: fixed-shape
+        cache steps for CUDA graphs (see `kv_cache`)."""
+        return KVCache(len(self.model.blocks), self.local_attn_size, self.sink_size, num_frames, static_shapes)
 
     def cross_cache(self, context, clip_fea=None):
         """The prompt's cross-attention keys and values for every layer (once per prompt)."""

@@ -37,6 +37,17 @@ block's own live keys and values, so the gradient reaches the block's forward an
 With an unbounded window the earlier frames are a view of the buffers (their slots are never written
 again); a rolling window may overwrite them, so they are copied. The same earlier frames serve the
 recomputation of activation checkpointing in backward, however far the cache has moved on by then.
+
+Static shapes (`KVCache(..., static_shapes=True)`, inference). The plain cache writes slot runs and
+attends over the slots in use, `k[:, :used]`: shapes that change from block to block. The static
+mode allocates every slot at once (the window, or `num_frames` for an unbounded window), writes a
+block with `index_copy_` at a tensor of slot indices and attends over all slots with a boolean mask
+of the slots in use, so every denoising step of a block size has the same shapes and reads the same
+tensors (the index and the mask are updated in place by `begin_block`): what CUDA graphs
+(`torch.compile(mode="reduce-overhead")`) need. The host-side work stays once per block, outside the
+steps: `begin_block`'s bookkeeping and, with a sink, the sink keys' re-rotation on the first forward
+of a block that slides the window. The masked attention cannot use flash-attn (SDPA's
+memory-efficient or cuDNN kernel runs instead) and computes the unused slots until the window is full.
 """
 
 from collections import deque
@@ -62,10 +73,17 @@ class KVCache:
     """Self-attention cache of one generation stream: the frame-slot bookkeeping shared by all layers,
     and one `LayerKVCache` per layer in `layers`."""
 
-    def __init__(self, num_layers, local_attn_size=-1, sink_size=0, num_frames=None):
-        """num_frames: frames to allocate for at once (an unbounded window otherwise grows by doubling)."""
+    def __init__(self, num_layers, local_attn_size=-1, sink_size=0, num_frames=None, static_shapes=False):
+        """num_frames: frames to allocate for at once (an unbounded window otherwise grows by doubling).
+        static_shapes: fixed-shape writes and attention (see the module docstring)."""
         if local_attn_size != -1 and not 0 <= sink_size < local_attn_size:
             raise ValueError(f"sink_size {sink_size} must be in [0, local_attn_size {local_attn_size})")
+        if static_shapes and local_attn_size == -1 and not num_frames:
+            raise ValueError("static_shapes with an unbounded window needs num_frames (the video's length) "
+                             "to allocate the cache at once; pass num_frames or set local_attn_size")
+        self.static_shapes = static_shapes
+        self.slot_index = None               # static shapes: [F] long, slot of each frame of the block
+        self.slot_in_use = None              # static shapes: [capacity] bool
         self.window = local_attn_size
         self.sink = sink_size
         self.num_frames_hint = num_frames or 0
@@ -112,10 +130,29 @@ class KVCache:
         self.used += free
         self.evicted += evict
         self.start, self.num_frames = start, num_frames
+        if self.static_shapes:
+            if self.used > self.capacity:
+                raise ValueError(f"the video is longer than the num_frames {self.num_frames_hint} this static "
+                                 f"cache was allocated for")
+            self.slot_index = _update_in_place(self.slot_index, torch.tensor(self.slots))
+            self.slot_in_use = _update_in_place(self.slot_in_use, torch.arange(self.capacity) < self.used)
+
+    def static_tensors(self, device):
+        """(slot_index, slot_in_use) on `device`: moved there once, then updated in place."""
+        if self.slot_index.device != device:
+            self.slot_index, self.slot_in_use = self.slot_index.to(device), self.slot_in_use.to(device)
+        return self.slot_index, self.slot_in_use
 
     def memory_bytes(self):
         """Bytes held by the cache's tensors."""
         return sum(layer.memory_bytes() for layer in self.layers)
+
+
+def _update_in_place(buffer, values):
+    """`values` written into `buffer` when the shapes match (so a captured graph keeps reading it)."""
+    if buffer is None or buffer.shape != values.shape:
+        return values if buffer is None else values.to(buffer.device)
+    return buffer.copy_(values)
 
 
 class LayerKVCache:
@@ -138,7 +175,12 @@ class LayerKVCache:
         """q, k, v [B, F * tokens_per_frame, H, D] of the current block (q and k rotated at their
         absolute frame positions) -> attention over the kept frames and the block, [B, F * tpf, H, D]."""
         self.write(k, v)
-        used = self.stream.used
+        stream = self.stream
+        if stream.static_shapes:
+            _, in_use = stream.static_tensors(q.device)
+            mask = in_use[:, None].expand(-1, stream.tokens_per_frame).reshape(1, 1, 1, -1)  # [1, 1, 1, Lk]
+            return attention(q, self.k.flatten(1, 2), self.v.flatten(1, 2), attn_mask=mask)
+        used = stream.used
         return attention(q, self.k[:, :used].flatten(1, 2), self.v[:, :used].flatten(1, 2))
 
     def write(self, k, v):
@@ -146,6 +188,11 @@ class LayerKVCache:
         stream = self.stream
         self._prepare(k)
         k, v = (x.detach().unflatten(1, (stream.num_frames, stream.tokens_per_frame)) for x in (k, v))
+        if stream.static_shapes:
+            index, _ = stream.static_tensors(k.device)
+            self.k.index_copy_(1, index, k.to(self.k.dtype))
+            self.v.index_copy_(1, index, v.to(self.v.dtype))
+            return
         for slot, frame, n in stream.runs:
             self.k[:, slot:slot + n] = k[:, frame:frame + n]
             self.v[:, slot:slot + n] = v[:, frame:frame + n]

@@ -42,11 +42,6 @@ def fp32_linear(layer, x):
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
-def modulate(x, shift, scale):
-    """adaLN: x [B, L, C] fp32, shift/scale [B, L or 1, C] fp32."""
-    return torch.addcmul(shift, x, 1 + scale)
-
-
 def local_window_mask(length, window_size, device):
     """[L, L] bool mask of a token-local window (left, right); -1 means unbounded on that side."""
     left, right = window_size
@@ -187,11 +182,11 @@ class WanAttentionBlock(nn.Module):
         """
         dtype = self.modulation.dtype  # the block's compute dtype (linear weights may be stored in fp8)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
-        h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
+        h = self.norm1.modulated(x, shift_sa, scale_sa).to(dtype)
         x = torch.addcmul(x, self.self_attn(h, rope, attn_mask, kv_cache).float(), gate_sa)
         h = self.norm3(x).to(dtype)
         x = x + (self.cross_attn(h, context) if cross_kv is None else self.cross_attn.attend(h, cross_kv)).float()
-        h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
+        h = self.norm2.modulated(x, shift_ff, scale_ff).to(dtype)
         return torch.addcmul(x, self.ffn(h).float(), gate_ff)
 
 
@@ -205,7 +200,7 @@ class Head(nn.Module):
     def forward(self, x, e):
         """x [B, L, C] fp32, e [B, L or 1, C] fp32 -> [B, L, prod(patch) * out_dim] fp32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
-        return fp32_linear(self.head, modulate(self.norm(x), shift, scale))
+        return fp32_linear(self.head, self.norm.modulated(x, shift, scale))
 
 
 class MLPProj(nn.Module):

@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .model import modulate
-from .norms import LayerNorm, RMSNorm
+from .norms import LayerNorm, RMSNorm, modulate
 
 
 def audio_window_ranges(num_tokens, num_frames, expand_length=4):
