@@ -123,3 +123,25 @@ def test_audio_wav2vec_loads_legacy_weight_norm_names(wav2vec_folders, tmp_path)
 def test_audio_wav2vec_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Wav2Vec2Features.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("manifest_path,head,layout", [
+    ("stableavatar/manifests/wav2vec2_base_960h.json", False, "base"),
+    ("variants/manifests/wav2vec2_large_xlsr_53_english.json", True, "large"),
+], ids=["base_960h", "large_xlsr_53"])
+def test_audio_wav2vec_manifests_match_the_released_architecture(manifest_path, head, layout):
+    """The released wav2vec2 folders (StableAvatar's base-960h, S2V's large-xlsr-53) are the
+    architecture the loader builds: the real-size model from the manifest's config has exactly its
+    keys and shapes, and the tiny test folders share the released layout switches."""
+    import json
+
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Model
+
+    from golden_kinds import EXT_DIR
+    from wan.audio.tiny import LAYOUTS
+
+    manifest = json.loads((EXT_DIR / manifest_path).read_text())
+    assert {k: manifest["config"][k] for k in LAYOUTS[layout]} == LAYOUTS[layout]
+    with torch.device("meta"):
+        model = (Wav2Vec2ForCTC if head else Wav2Vec2Model)(Wav2Vec2Config(**manifest["config"]))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest["keys"]
