@@ -126,6 +126,7 @@ def test_fun_wan22_control_experts_share_teacache_and_cfg_skip(tmp_path):
 
 
 def test_fun_gpu_memory_mode_option_quantizes_the_dit(folders, tmp_path):
+    import inference
     from wan.fp8 import FP8Linear
 
     config = tmp_path / "fun.yaml"

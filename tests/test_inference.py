@@ -208,7 +208,7 @@ def test_inference_memory_modes_each_write_a_video(tiny_t2v, tmp_path, single_th
         assert inference.main(["--task", "t2v", "--checkpoint_dir", str(tiny_t2v), "--data_path", str(prompts),
                                "--output_folder", str(out), "--frame_num", "5", "--sample_steps", "2",
                                "--memory_mode", mode]) == 0
-        videos[mode] = read_frames(next(out.glob("*.mp4")))
+        videos[mode] = mp4_frames(next(out.glob("*.mp4")))
         assert len(videos[mode]) == 5
         assert json.loads(next(out.glob("*.json")).read_text())["memory_mode"] == mode
     # the offload modes only move weights: the video is the full-load one, bit for bit
