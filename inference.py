@@ -10,8 +10,8 @@ Settings come from the task's preset, then the YAML config, then the command lin
 `num_frame_per_block` (e.g. configs/self_forcing_dmd.yaml) runs the causal streaming pipeline:
 blocks are decoded and written to the mp4 as they finish, for any `--num_output_frames`.
 Extension tasks (`pipelines/extensions/`: multi-reference, pose, audio, Fun/VACE/Animate) take
-their own prompt-file fields, listed by `--help`. Every input is checked before any weights are loaded. Each prompt gives `NNN_<words>.mp4` and a
-JSON sidecar. Under torchrun every process checks the same inputs and generates the same video
+their own prompt-file fields, listed by `--help`. Every input is checked before any weights are
+loaded. Each prompt gives `NNN_<words>.mp4` and a JSON sidecar. Under torchrun every process checks the same inputs and generates the same video
 (sequence parallel and/or sharded, see pipelines/distributed.py); rank 0 writes the files.
 """
 
@@ -175,8 +175,6 @@ class BidirectionalRunner:
 
 def teacache_from_args(args, num_steps):
     """The `--teacache_*` cache (None when off); the pipeline resets it to each generation's step count."""
-    if not 0 <= args.cfg_skip_ratio <= 1:
-        raise InvalidInput(f"--cfg_skip_ratio must be in [0, 1], got {args.cfg_skip_ratio}")
     if args.teacache_threshold <= 0:
         return None
     name = args.teacache_model or Path(args.checkpoint_dir).resolve().name
@@ -278,6 +276,8 @@ def validate(args):
         check_positive("num_output_frames", args.num_output_frames or config.get("num_output_frames", 21))
         jobs = read_prompt_file(args.data_path, "causal")
     else:
+        if not 0 <= args.cfg_skip_ratio <= 1:
+            raise InvalidInput(f"--cfg_skip_ratio must be in [0, 1], got {args.cfg_skip_ratio}")
         teacache_from_args(args, settings.resolved(preset).sample_steps)
         jobs = read_prompt_file(args.data_path, preset.task)
     return preset, config, settings, fps, jobs, loras

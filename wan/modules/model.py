@@ -118,11 +118,11 @@ class CrossAttention(AttentionProjections):
 
     def add_branch(self, name, key_norm=True):
         """Adds the projections of a branch attending to `CrossContext.branches[name]`."""
-        dim = self.q.in_features
-        setattr(self, f"k_{name}", nn.Linear(dim, dim, device=self.q.weight.device, dtype=self.q.weight.dtype))
-        setattr(self, f"v_{name}", nn.Linear(dim, dim, device=self.q.weight.device, dtype=self.q.weight.dtype))
+        dim, like = self.q.in_features, dict(device=self.q.weight.device, dtype=self.q.weight.dtype)
+        setattr(self, f"k_{name}", nn.Linear(dim, dim, **like))
+        setattr(self, f"v_{name}", nn.Linear(dim, dim, **like))
         if key_norm:
-            setattr(self, f"norm_k_{name}", RMSNorm(dim, eps=self.eps).to(self.q.weight.device, self.q.weight.dtype))
+            setattr(self, f"norm_k_{name}", RMSNorm(dim, eps=self.eps).to(**like))
         self.branches.append(name)
 
     @property
