@@ -22,7 +22,9 @@ Timing: after a warm-up call each, ours and the peer run alternately `--repeats`
 shared machine hits both alike); the median times are printed, and as ratio the median over rounds of
 ours / peer within a round (below 1: ours is faster), of wall time and of this process's CPU time
 (less sensitive to other processes taking the cores). CPU peak memory is the rise of the resident set's high-water mark during one call,
-measured in a fresh process per measurement (so memory freed by an earlier call cannot serve it).
+measured in a fresh process per measurement (so memory freed by an earlier call cannot serve it), with
+glibc told to return every freed block above 64 KiB to the system at once (so the resident set tracks
+live tensors and oneDNN's scratch buffers, not the allocator's reuse of earlier frees).
 The script checks that both sides compute the same result and prints the largest difference.
 
 `--device cuda` runs 1.3B at 832x480x81, one 14B layer (x40 gives the model), 5B at 1280x704x121.
@@ -31,6 +33,7 @@ The script checks that both sides compute the same result and prints the largest
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -150,7 +153,11 @@ def child_peak(args, suite, key):
     cmd = [sys.executable, __file__, suite, "--child", key, "--threads", str(args.threads),
            "--device", args.device, "--vae_frames", str(args.vae_frames), "--vae_size", str(args.vae_size),
            "--vae_tile", str(args.vae_tile)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # glibc serves allocations above this size with their own mmap and unmaps them when freed, so
+    # the resident set follows the live tensors (as CUDA's allocated bytes do) rather than what
+    # the heap keeps after earlier frees, which depends on each side's allocation history.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
 

@@ -236,3 +236,16 @@ def test_fused_norms_model_forward_and_gradients_equal_the_plain_path():
     assert grads[0].keys() == grads[1].keys() and "blocks.0.modulation" in grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_residual_stream_is_contiguous_token_major():
+    # A [B, C, L] -> [B, L, C] transposed view from the patch embedding would make every block's
+    # norms copy it and every residual update run strided.
+    model = _model(num_layers=2)
+    x, t, context = _inputs()
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda block, args: layouts.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(x, t, context)
+    assert layouts == [True, True]

@@ -13,6 +13,7 @@ import torch
 from conftest import state_shapes
 from golden_kinds import REFERENCE_DIR
 from wan.checkpoint import CheckpointError, save_state_dict
+from wan.modules import vae_layers
 from wan.convert_vae import (VAE_CLASSES, config_from_diffusers, diffusers_config, load_vae, vae_from_diffusers,
                              vae_to_diffusers)
 from wan.modules.vae_streaming import StreamingDecoder
@@ -119,6 +120,29 @@ def _largest_activation(vae, fn):
         for h in handles:
             h.remove()
     return result, largest[0]
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_frame_sliced_decode_equals_whole_chunks_with_smaller_activations(version, monkeypatch):
+    vae = tiny_vae(version)
+    z = randn(1, vae.z_dim, 4, 3, 4, seed=3)
+    monkeypatch.setattr(vae_layers, "DECODE_SLICE_ELEMENTS", None)
+    whole, whole_peak = _largest_activation(vae, lambda: vae.decode(z))
+    monkeypatch.setattr(vae_layers, "DECODE_SLICE_ELEMENTS", 1)
+    sliced, sliced_peak = _largest_activation(vae, lambda: vae.decode(z))
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+    # each latent frame becomes 4 frames; sliced, the full-resolution layers see one at a time
+    assert sliced_peak * 3 <= whole_peak
+
+
+def test_rms_norm_fast_path_equals_normalize():
+    norm = vae_layers.RMS_norm(6)
+    torch.nn.init.normal_(norm.gamma)
+    x = randn(2, 6, 3, 4, 5)
+    x[0, :, 0] = 0  # all-zero positions stay zero, as F.normalize's clamp makes them
+    expected = torch.nn.functional.normalize(x, dim=1) * norm.gamma * 6**0.5
+    torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm(x.double()), expected.double(), atol=1e-6, rtol=1e-5)
 
 
 def test_tile_blending_is_a_partition_of_unity():

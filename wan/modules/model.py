@@ -293,7 +293,8 @@ class WanModel(nn.Module):
             raise ValueError(f"latent grid {tuple(x.shape[2:])} is not divisible by patch size {self.patch_size}")
         tokens = self.patch_embedding(x.to(self.dtype))
         grid = tuple(tokens.shape[2:])
-        return tokens.flatten(2).transpose(1, 2).float(), grid
+        # Contiguous [B, L, C]: a transposed view would make every later residual and norm strided.
+        return tokens.flatten(2).transpose(1, 2).float().contiguous(), grid
 
     def rope(self, grid, device, frame_offset=0):
         """Cached (cos, sin) for a token grid, [L, 1, D/2] each."""
