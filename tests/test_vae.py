@@ -13,9 +13,9 @@ import torch
 from conftest import state_shapes
 from golden_kinds import REFERENCE_DIR
 from wan.checkpoint import CheckpointError, save_state_dict
-from wan.modules import vae_layers
 from wan.convert_vae import (VAE_CLASSES, config_from_diffusers, diffusers_config, load_vae, vae_from_diffusers,
                              vae_to_diffusers)
+from wan.modules import vae_layers
 from wan.modules.vae_streaming import StreamingDecoder
 from wan.modules.vae_tiling import tiled_apply
 

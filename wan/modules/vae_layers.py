@@ -49,7 +49,7 @@ class CausalSequential(nn.Sequential, Causal):
     """`nn.Sequential` that passes the feature cache to the layers that take one."""
 
     def forward(self, x, cache):
-        return run_sliced_in_time(causal_units(self), x, cache, slice_elements=None)
+        return run_sliced_in_time(list(self), x, cache, slice_elements=None)
 
 
 def causal_units(module):
@@ -60,7 +60,7 @@ def causal_units(module):
 
 
 def run_sliced_in_time(units, x, cache, slice_elements):
-    """Runs `units` (see `causal_units`) over x [B, C, T, H, W]. Once a unit's output has more than
+    """Runs the layers `units` (e.g. `causal_units`) over x [B, C, T, H, W]. Once a unit's output has more than
     one frame of at least `slice_elements` elements (None: never), the units after it run frame
     by frame, the frames joined in time at the end. Exact, because every unit is causal with its
     state in `cache`: the frames continue each other as the whole chunk would. The decoder's
