@@ -126,9 +126,9 @@ def _largest_activation(vae, fn):
 def test_frame_sliced_decode_equals_whole_chunks_with_smaller_activations(version, monkeypatch):
     vae = tiny_vae(version)
     z = randn(1, vae.z_dim, 4, 3, 4, seed=3)
-    monkeypatch.setattr(vae_layers, "DECODE_SLICE_ELEMENTS", None)
+    monkeypatch.setattr(vae_layers, "DECODE_SLICE_PIXELS", None)
     whole, whole_peak = _largest_activation(vae, lambda: vae.decode(z))
-    monkeypatch.setattr(vae_layers, "DECODE_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(vae_layers, "DECODE_SLICE_PIXELS", 1)
     sliced, sliced_peak = _largest_activation(vae, lambda: vae.decode(z))
     torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
     # each latent frame becomes 4 frames; sliced, the full-resolution layers see one at a time
@@ -145,6 +145,40 @@ def test_rms_norm_fast_path_equals_normalize():
     torch.testing.assert_close(norm(x.double()), expected.double(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample_conv_by_pixel_phases_equals_upsample_then_conv(dtype):
+    torch.manual_seed(0)
+    layer = vae_layers.UpsampleConv(6, 5).to(dtype)
+    x = randn(2, 6, 3, 7, 9).to(dtype)
+    out = layer(x)
+    assert out.shape == (2, 5, 3, 14, 18)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, torch.nn.Sequential.forward(layer, x), **tolerance)
+
+
+def test_causal_conv_first_frame_skips_the_zero_padding_and_continues_exactly():
+    torch.manual_seed(0)
+    conv = vae_layers.CausalConv3d(4, 6, 3, padding=1)
+    frames = randn(1, 4, 5, 6, 7)
+    padded = torch.nn.functional.pad(frames, (0, 0, 0, 0, 2, 0))
+    expected = torch.nn.functional.conv3d(padded, conv.weight, conv.bias, padding=(0, 1, 1))
+    cache = {}
+    first = conv(frames[:, :, :1], cache)
+    torch.testing.assert_close(cache[conv], padded[:, :, 1:3])
+    rest = conv(frames[:, :, 1:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv(frames), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3d_kernel_choices_and_output_channel_groups_equal_conv3d(bias, monkeypatch):
+    weight, b = randn(40, 6, 3, 3, 3, seed=1), randn(40, seed=2) if bias else None
+    monkeypatch.setattr(vae_layers, "ONEDNN_WEIGHT_GROUP_ELEMENTS", 16 * 6 * 27)  # groups of 16 channels
+    for x in (randn(1, 6, 3, 4, 5), randn(1, 6, 3, 1, 1)):  # oneDNN in 3 groups; im2col (fewer positions)
+        expected = torch.nn.functional.conv3d(x, weight, b, 1, (0, 1, 1))
+        torch.testing.assert_close(vae_layers.conv3d(x, weight, b, 1, (0, 1, 1)), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_tile_blending_is_a_partition_of_unity():
     x = randn(1, 2, 3, 20, 27)
     upsample = torch.nn.Upsample(scale_factor=(1, 4, 4))
@@ -154,7 +188,8 @@ def test_tile_blending_is_a_partition_of_unity():
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
-def test_tiling_approximates_whole_frames_with_less_memory(version):
+def test_tiling_approximates_whole_frames_with_less_memory(version, monkeypatch):
+    monkeypatch.setattr(vae_layers, "DECODE_SLICE_PIXELS", None)  # tiling alone bounds the activations here
     vae = tiny_vae(version)
     s = vae.spatial_stride
     tiles = dict(tiled=True, tile_size=(10 * s, 10 * s), tile_overlap=(4 * s, 4 * s))

@@ -20,9 +20,16 @@ from wan.modules.vae_tiling import check_tiles, tiled_apply
 
 DEFAULT_TILE_SIZE = (256, 256)  # pixels (h, w)
 DEFAULT_TILE_OVERLAP = (64, 64)
-# The decoder runs frame by frame from frames of this many values (C x H x W) on (see
-# `run_sliced_in_time`): smaller frames cost more in per-call overhead than their memory saves.
-DECODE_SLICE_ELEMENTS = 2**17
+# The decoder runs frame by frame from frames of this many pixels (H x W) on (see
+# `run_sliced_in_time`). Each per-frame convolution re-lays out its weights (oneDNN), a cost
+# against the frame's work that grows as the frame shrinks: about 5% at 32 x 32, 20% at 16 x 16.
+DECODE_SLICE_PIXELS = 32 * 32
+
+
+# oneDNN also copies the whole weight into its blocked layout on every call. Convolutions with more
+# weight elements than this run in groups of output channels, which bounds that transient copy (56 MiB
+# for a 1024 -> 512 layer of the Wan2.2 decoder) at the cost of re-reading the input once per group.
+ONEDNN_WEIGHT_GROUP_ELEMENTS = 2**22
 
 
 def conv3d(x, weight, bias, stride=1, padding=0):
@@ -36,9 +43,15 @@ def conv3d(x, weight, bias, stride=1, padding=0):
     if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return F.conv3d(x, weight, bias, stride, padding)
     stride, padding = ([v] * 3 if isinstance(v, int) else list(v) for v in (stride, padding))
-    if x.shape[2:].numel() >= x.shape[1]:
+    if x.shape[2:].numel() < x.shape[1]:
+        return torch.ops.aten.slow_conv3d(x, weight, weight.shape[2:], bias, stride, padding)
+    # a multiple of 16 channels, oneDNN's block
+    group = max(16, ONEDNN_WEIGHT_GROUP_ELEMENTS // weight[0].numel() // 16 * 16)
+    if weight.shape[0] <= group:
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
-    return torch.ops.aten.slow_conv3d(x, weight, weight.shape[2:], bias, stride, padding)
+    biases = bias.split(group) if bias is not None else [None] * -(-weight.shape[0] // group)
+    return torch.cat([torch.ops.aten.mkldnn_convolution(x, w, b, padding, stride, [1, 1, 1], 1)
+                      for w, b in zip(weight.split(group), biases)], dim=1)
 
 
 class Causal:
@@ -49,7 +62,7 @@ class CausalSequential(nn.Sequential, Causal):
     """`nn.Sequential` that passes the feature cache to the layers that take one."""
 
     def forward(self, x, cache):
-        return run_sliced_in_time(list(self), x, cache, slice_elements=None)
+        return run_sliced_in_time(list(self), x, cache, slice_pixels=None)
 
 
 def causal_units(module):
@@ -59,19 +72,19 @@ def causal_units(module):
     return [module]
 
 
-def run_sliced_in_time(units, x, cache, slice_elements):
+def run_sliced_in_time(units, x, cache, slice_pixels):
     """Runs the layers `units` (e.g. `causal_units`) over x [B, C, T, H, W]. Once a unit's output has more than
-    one frame of at least `slice_elements` elements (None: never), the units after it run frame
+    one frame of at least `slice_pixels` pixels (None: never), the units after it run frame
     by frame, the frames joined in time at the end. Exact, because every unit is causal with its
     state in `cache`: the frames continue each other as the whole chunk would. The decoder's
     upsamplers make 4 frames of each latent frame at 4x-16x the pixels; slicing bounds those
     high-resolution activations to one frame."""
     for i, unit in enumerate(units):
         x = unit(x, cache) if isinstance(unit, Causal) else unit(x)
-        if slice_elements is not None and x.shape[2] > 1 and x[0, :, 0].numel() >= slice_elements \
+        if slice_pixels is not None and x.shape[2] > 1 and x.shape[3] * x.shape[4] >= slice_pixels \
                 and i + 1 < len(units):
             rest = units[i + 1:]
-            return torch.cat([run_sliced_in_time(rest, frame, cache, slice_elements)
+            return torch.cat([run_sliced_in_time(rest, frame, cache, slice_pixels)
                               for frame in x.split(1, dim=2)], dim=2)
     return x
 
@@ -94,6 +107,11 @@ class CausalConv3d(nn.Conv3d, Causal):
     def forward(self, x, cache=None):
         if self.history:
             past = None if cache is None else cache.get(self)
+            # The first frame alone skips its zero padding, unless it has fewer pixels than input
+            # channels: then the sliced kernel's copy costs more than the zeros it skips.
+            if past is None and x.shape[2] == 1 and self.kernel_size[0] == self.history + 1 \
+                    and x.shape[3] * x.shape[4] >= self.in_channels:
+                return self._first_frame(x, cache)
             if past is None:
                 x = F.pad(x, (0, 0, 0, 0, self.history, 0))
             else:
@@ -101,7 +119,16 @@ class CausalConv3d(nn.Conv3d, Causal):
             if cache is not None:
                 # clone: a view would keep the whole chunk alive until the next call
                 cache[self] = x[:, :, -self.history:].clone()
+            del past  # the replaced cache entry is not held through the convolution
         return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def _first_frame(self, x, cache):
+        """The first frame of a video alone (every decode and encode starts so): only the kernel's
+        last time slice meets it, the others meet the zero padding, so those 2/3 of the FLOPs are
+        skipped. The cache holds what the padded input would have left."""
+        if cache is not None:
+            cache[self] = F.pad(x, (0, 0, 0, 0, self.history - 1, 0))
+        return conv3d(x, self.weight[:, :, -1:], self.bias, self.stride, self.padding)
 
 
 class FrameConv2d(nn.Conv2d):
@@ -114,6 +141,44 @@ class FrameConv2d(nn.Conv2d):
 
     def forward(self, x):
         return conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
+
+
+# For each output phase of a 2x nearest upsampling (even, odd positions): which taps of a 3-tap
+# kernel land on each of the two input samples the phase sees. [phase, input sample, kernel tap]
+_UPSAMPLE_PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+class UpsampleConv(nn.Sequential):
+    """2x nearest spatial upsampling then a 3x3 `FrameConv2d`, as the official decoder's resampler,
+    computed without the upsampled tensor: each of the four output pixel phases is a 2x2 convolution of
+    the input with the 3x3 taps that fall on the same input pixel summed, 4/9 of the FLOPs. The plain
+    path (upsample, then convolve) is `nn.Sequential.forward`.
+    x: [B, C, T, H, W] -> [B, C', T, 2H, 2W]
+    """
+
+    def __init__(self, dim, out_dim):
+        super().__init__(nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
+                         FrameConv2d(dim, out_dim, 3, padding=1))
+
+    def forward(self, x):
+        conv = self[1]
+        out_dim, b, t, h, w = conv.out_channels, x.shape[0], *x.shape[2:]
+        if t * h * w < 4 * out_dim:
+            # The phase kernels (16/9 of the 3x3 kernel) would outweigh the upsampled input they spare.
+            return super().forward(x)
+        taps = torch.tensor(_UPSAMPLE_PHASE_TAPS, dtype=torch.float32, device=x.device)
+        # [row phase, column phase, out, in, 2, 2], summed in fp32 whatever the weights' dtype
+        weight = torch.einsum("auy,cvx,oiyx->acoiuv", taps, taps, conv.weight.float()).to(x.dtype)
+        bias = None if conv.bias is None else conv.bias.repeat(4)
+        # Padded by one input pixel on each side: phase 0 reads input rows (i-1, i), phase 1 rows (i, i+1).
+        phases = conv3d(x, weight.reshape(4 * out_dim, -1, 1, 2, 2), bias, 1, (0, 1, 1))
+        phases = phases.view(b, 2, 2, out_dim, t, h + 1, w + 1)
+        out = x.new_empty(b, out_dim, t, 2 * h, 2 * w)
+        pixels = out.view(b, out_dim, t, h, 2, w, 2)
+        for row in (0, 1):
+            for col in (0, 1):
+                pixels[:, :, :, :, row, :, col] = phases[:, row, col, :, :, row:row + h, col:col + w]
+        return out
 
 
 class RMS_norm(nn.Module):
@@ -156,8 +221,7 @@ class Resample(nn.Module, Causal):
         if mode.startswith("upsample"):
             # Wan2.1 halves the channels in the upsampling conv, Wan2.2 keeps them (out_dim=dim).
             out_dim = dim // 2 if out_dim is None else out_dim
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
-                                          FrameConv2d(dim, out_dim, 3, padding=1))
+            self.resample = UpsampleConv(dim, out_dim)
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         else:
@@ -390,7 +454,7 @@ class CausalVideoVAE(nn.Module):
         end = 0
         units = causal_units(self.decoder)
         for i in range(t):
-            frames = run_sliced_in_time(units, self.conv2(z[:, :, i:i + 1]), cache, DECODE_SLICE_ELEMENTS)
+            frames = run_sliced_in_time(units, self.conv2(z[:, :, i:i + 1]), cache, DECODE_SLICE_PIXELS)
             frames = unpatchify(frames, self.patch_size)
             video[:, :, end:end + frames.shape[2]] = frames
             end += frames.shape[2]
