@@ -26,6 +26,8 @@ measured in a fresh process per measurement (so memory freed by an earlier call 
 glibc told to return every freed block above 64 KiB to the system at once (so the resident set tracks
 live tensors and oneDNN's scratch buffers, not the allocator's reuse of earlier frees).
 The script checks that both sides compute the same result and prints the largest difference.
+On the CPU, ours runs its fp32 linears through oneDNN (`wan.onednn_linear.use_onednn_linears`, what a
+CPU user turns on); `--plain_linears` measures ours with plain `nn.Linear` (MKL) instead.
 
 `--device cuda` runs 1.3B at 832x480x81, one 14B layer (x40 gives the model), 5B at 1280x704x121.
 """
@@ -53,6 +55,7 @@ from wan.modules.causal_model import CausalWanModel  # noqa: E402
 from wan.modules.model import WanModel  # noqa: E402
 from wan.modules.vae2_1 import WanVAE21  # noqa: E402
 from wan.modules.vae_streaming import StreamingDecoder  # noqa: E402
+from wan.onednn_linear import use_onednn_linears  # noqa: E402
 
 SUITES = ("dit", "vae", "t2v", "causal", "train", "teacache")
 
@@ -152,7 +155,7 @@ def child_peak(args, suite, key):
     """Peak memory rise (bytes) of operation `key` of `suite`, measured in a fresh process."""
     cmd = [sys.executable, __file__, suite, "--child", key, "--threads", str(args.threads),
            "--device", args.device, "--vae_frames", str(args.vae_frames), "--vae_size", str(args.vae_size),
-           "--vae_tile", str(args.vae_tile)]
+           "--vae_tile", str(args.vae_tile), *(["--plain_linears"] if args.plain_linears else [])]
     # glibc serves allocations above this size with their own mmap and unmaps them when freed, so
     # the resident set follows the live tensors (as CUDA's allocated bytes do) rather than what
     # the heap keeps after earlier frees, which depends on each side's allocation history.
@@ -205,6 +208,13 @@ def random_dit(config, device, dtype, std=0.02):
     return model.to(dtype)
 
 
+def onednn_linears(model, args):
+    """Ours' CPU fast path for fp32 linears (`wan.onednn_linear`), unless `--plain_linears`."""
+    if torch.device(args.device).type == "cpu" and not args.plain_linears:
+        use_onednn_linears(model)
+    return model
+
+
 def diffusers_twin(ours, config, device, dtype):
     """diffusers' WanTransformer3DModel holding `ours`' weights."""
     from diffusers import WanTransformer3DModel
@@ -246,7 +256,7 @@ def dit_inputs(config, grid, device, dtype, batch=1):
 def suite_dit(args):
     device, dtype = torch.device(args.device), args.dtype
     for label, config, grid, scale in dit_configs(args):
-        ours = random_dit(config, device, dtype).eval()
+        ours = onednn_linears(random_dit(config, device, dtype).eval(), args)
         theirs = diffusers_twin(ours, config, device, dtype).eval()
         if args.checkpointing:
             ours.set_gradient_checkpointing(True)
@@ -384,7 +394,7 @@ def suite_t2v(args):
 
     device, dtype = torch.device(args.device), args.dtype
     label, config, grid, _ = dit_configs(args)[0]
-    ours = random_dit(config, device, dtype).eval()
+    ours = onednn_linears(random_dit(config, device, dtype).eval(), args)
     theirs = diffusers_twin(ours, config, device, dtype).eval()
     latent, _, prompt, padded = dit_inputs(config, grid, device, torch.float32)
     negative = torch.randn(1, 24, config["text_dim"], generator=torch.Generator().manual_seed(2)).to(device)
@@ -456,7 +466,7 @@ def suite_train(args):
     with block swap."""
     device = torch.device(args.device)
     label, config, grid, _ = dit_configs(args)[0]
-    ours = random_dit(config, device, torch.float32).train()
+    ours = onednn_linears(random_dit(config, device, torch.float32).train(), args)
     theirs = diffusers_twin(ours, config, device, torch.float32).train()
     if args.checkpointing:
         ours.set_gradient_checkpointing(True)
@@ -486,6 +496,8 @@ def train_child(args, impl):
     model = random_dit(config, device, torch.float32).train()
     if impl == "peer":
         model = diffusers_twin(model, config, device, torch.float32).train()
+    else:
+        onednn_linears(model, args)
     step = TrainStep(model, config, grid, args, padded_text=impl == "peer")
     step()  # allocates the optimizer state and warms up; the second step is measured
     return peak_of(step, device)
@@ -503,6 +515,7 @@ def lora_block_swap(args, config, grid, tokens):
         model = random_dit(config, device, args.dtype).train()
         inject_lora(model, ["blocks.*.self_attn.*", "blocks.*.cross_attn.*", "blocks.*.ffn.*"], rank=32)
         model.set_gradient_checkpointing(True)
+        onednn_linears(model, args)
         if swap:
             apply_block_swap(model, swap, device)
         step = TrainStep(model, config, grid, args)
@@ -754,6 +767,8 @@ def main():
     parser.add_argument("--vae_frames", type=int, default=9)
     parser.add_argument("--vae_size", type=int, default=64, help="VAE video height and width in pixels")
     parser.add_argument("--vae_tile", type=int, default=0, help="vae: also time ours with tiles of this many pixels")
+    parser.add_argument("--plain_linears", action="store_true",
+                        help="CPU: ours' linears through nn.Linear (MKL), without `use_onednn_linears`")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_causal_arguments(parser)
     add_teacache_arguments(parser)

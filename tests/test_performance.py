@@ -1,6 +1,6 @@
 """Fast paths and memory features, each against the plain path: fp8 weight storage, block swap and
-memory modes, compiled blocks, attention backends, the complex-multiply RoPE, the fused norms. No timing here (see
-scripts/benchmark.py)."""
+memory modes, compiled blocks, attention backends, the complex-multiply RoPE, the fused norms, oneDNN
+linears. No timing here (see scripts/benchmark.py)."""
 
 import copy
 
@@ -17,6 +17,7 @@ from wan.modules.attention import attention, attention_backend, set_attention_ba
 from wan.modules.model import WanModel
 from wan.modules.norms import LayerNorm, RMSNorm, fused_norms, modulate
 from wan.modules.rope import apply_rope, grid_positions, rope_cos_sin
+from wan import onednn_linear as onednn
 from wan.offload import MEMORY_MODES, apply_block_swap, apply_memory_mode
 
 
@@ -249,3 +250,64 @@ def test_residual_stream_is_contiguous_token_major():
     with torch.no_grad():
         model(x, t, context)
     assert layouts == [True, True]
+
+
+# -- oneDNN linears -------------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not onednn.onednn_available(), reason="PyTorch built without oneDNN")
+
+
+def _autograd_ops(tensor):
+    """Names of the backward nodes of the graph that made `tensor`."""
+    seen, pending = set(), [tensor.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            pending.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_linear_forward_and_backward(bias, monkeypatch):
+    monkeypatch.setattr(onednn, "MIN_ROWS", 4)
+    weight = torch.randn(6, 8)
+    b = torch.randn(6) if bias else None
+
+    def run(linear, x):
+        leaves = [t.detach().requires_grad_(True) for t in (x, weight, b) if t is not None]
+        out = linear(*leaves)
+        out.backward(torch.ones_like(out) + torch.arange(6.0))
+        return out, [t.grad for t in leaves]
+
+    # 3D, strided, 2D, and 3 rows: fewer than MIN_ROWS, left to F.linear
+    for x in (torch.randn(2, 5, 8), torch.randn(2, 8, 5).transpose(1, 2), torch.randn(4, 8), torch.randn(3, 8)):
+        (out, grads), (expected, expected_grads) = run(onednn.onednn_linear, x), run(F.linear, x)
+        assert ("MkldnnConvolutionBackward0" in _autograd_ops(out)) == (x.numel() // 8 >= 4)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linears_model_equals_plain_and_switches_back(monkeypatch):
+    monkeypatch.setattr(onednn, "MIN_ROWS", 1)
+    model = _model(num_layers=2)
+    x, t, context = _inputs()
+    keys = list(model.state_dict())
+    results = []
+    for enabled in (False, True):
+        switched = onednn.use_onednn_linears(model, enabled)
+        assert switched == (0 if not enabled else sum(type(m) is onednn.OneDNNLinear for m in model.modules()))
+        model.zero_grad()
+        out = model(x, t, context)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert ("MkldnnConvolutionBackward0" in _autograd_ops(out)) == enabled
+    assert switched > 10 and list(model.state_dict()) == keys
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert onednn.use_onednn_linears(model, False) == switched
+    assert not any(type(m) is onednn.OneDNNLinear for m in model.modules())

@@ -54,7 +54,12 @@ def train(cfg, logdir, resume=None):
     (the newest in logdir, if any). Returns the metrics of every step run."""
     env = init_distributed()
     try:
-        return run(cfg, Path(logdir), resume, env)
+        metrics = run(cfg, Path(logdir), resume, env)
+        if env.owns_group and env.world_size > 1:
+            # no rank tears its gloo connections down while another still writes the last checkpoint
+            # (seen as an abort at exit)
+            dist.barrier()
+        return metrics
     finally:
         if env.owns_group:
             dist.destroy_process_group()
