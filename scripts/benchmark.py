@@ -26,8 +26,9 @@ measured in a fresh process per measurement (so memory freed by an earlier call 
 glibc told to return every freed block above 64 KiB to the system at once (so the resident set tracks
 live tensors and oneDNN's scratch buffers, not the allocator's reuse of earlier frees).
 The script checks that both sides compute the same result and prints the largest difference.
-On the CPU, ours runs its fp32 linears through oneDNN (`wan.onednn_linear.use_onednn_linears`, what a
-CPU user turns on); `--plain_linears` measures ours with plain `nn.Linear` (MKL) instead.
+On the CPU, ours' DiT runs its fp32 linears through oneDNN in the dit and t2v suites, as `inference.py`
+does there (`wan.onednn_linear.use_onednn_linears`); `--plain_linears` measures it with plain
+`nn.Linear` (MKL) instead. The training step runs plain linears, as `train.py` does.
 
 `--device cuda` runs 1.3B at 832x480x81, one 14B layer (x40 gives the model), 5B at 1280x704x121.
 """
@@ -155,7 +156,7 @@ def child_peak(args, suite, key):
     """Peak memory rise (bytes) of operation `key` of `suite`, measured in a fresh process."""
     cmd = [sys.executable, __file__, suite, "--child", key, "--threads", str(args.threads),
            "--device", args.device, "--vae_frames", str(args.vae_frames), "--vae_size", str(args.vae_size),
-           "--vae_tile", str(args.vae_tile), *(["--plain_linears"] if args.plain_linears else [])]
+           "--vae_tile", str(args.vae_tile)]
     # glibc serves allocations above this size with their own mmap and unmaps them when freed, so
     # the resident set follows the live tensors (as CUDA's allocated bytes do) rather than what
     # the heap keeps after earlier frees, which depends on each side's allocation history.
@@ -466,7 +467,7 @@ def suite_train(args):
     with block swap."""
     device = torch.device(args.device)
     label, config, grid, _ = dit_configs(args)[0]
-    ours = onednn_linears(random_dit(config, device, torch.float32).train(), args)
+    ours = random_dit(config, device, torch.float32).train()
     theirs = diffusers_twin(ours, config, device, torch.float32).train()
     if args.checkpointing:
         ours.set_gradient_checkpointing(True)
@@ -496,8 +497,6 @@ def train_child(args, impl):
     model = random_dit(config, device, torch.float32).train()
     if impl == "peer":
         model = diffusers_twin(model, config, device, torch.float32).train()
-    else:
-        onednn_linears(model, args)
     step = TrainStep(model, config, grid, args, padded_text=impl == "peer")
     step()  # allocates the optimizer state and warms up; the second step is measured
     return peak_of(step, device)
@@ -515,7 +514,6 @@ def lora_block_swap(args, config, grid, tokens):
         model = random_dit(config, device, args.dtype).train()
         inject_lora(model, ["blocks.*.self_attn.*", "blocks.*.cross_attn.*", "blocks.*.ffn.*"], rank=32)
         model.set_gradient_checkpointing(True)
-        onednn_linears(model, args)
         if swap:
             apply_block_swap(model, swap, device)
         step = TrainStep(model, config, grid, args)
