@@ -10,6 +10,7 @@ every call owns its state and two calls never see each other's frames.
 Module and parameter names follow the official code so `state_dict()` keys equal the checkpoints'.
 """
 
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -49,7 +50,7 @@ def conv3d(x, weight, bias, stride=1, padding=0):
     group = max(16, ONEDNN_WEIGHT_GROUP_ELEMENTS // weight[0].numel() // 16 * 16)
     if weight.shape[0] <= group:
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
-    biases = bias.split(group) if bias is not None else [None] * -(-weight.shape[0] // group)
+    biases = bias.split(group) if bias is not None else itertools.repeat(None)
     return torch.cat([torch.ops.aten.mkldnn_convolution(x, w, b, padding, stride, [1, 1, 1], 1)
                       for w, b in zip(weight.split(group), biases)], dim=1)
 
